@@ -8,14 +8,16 @@ is a `UsageError`.
 
 import json
 import math
+import random
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet
 
-from common import UsageError
+from common import UsageError, arithmetic
 
+ARITHMETIC = "arithmetic"  # the built-in task's name wherever a data set is expected
 PROMPT_TEMPLATES: tuple[str, ...] = ("chat", "chat-boxed", "plain")
 # Qwen2.5-Math's own chain-of-thought system prompt, also used by Dr. GRPO and SimpleRL-Zoo.
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -61,6 +63,36 @@ def load_problems(
     if skipped:
         warnings.warn(f"{source}: skipped {len(rows) - len(problems)} of {len(rows)} rows: {details}", stacklevel=2)
     return problems
+
+
+class ProblemStream:
+    """The endless training stream: problem number i is the same on every run with this seed.
+
+    "arithmetic" draws unlimited fresh problems from the built-in task; a data set is walked in
+    a new seeded order each epoch. Because any position can be produced directly, a resumed
+    run sees exactly the prompts it would have seen without the interruption.
+    """
+
+    def __init__(self, source: str, seed: int, prompt_key: str | None = None, answer_key: str | None = None):
+        self.seed = seed
+        self.problems = None if source == ARITHMETIC else load_problems(source, "train", prompt_key, answer_key)
+        self._epoch_order: tuple[int, list[int]] | None = None
+
+    def __getitem__(self, index: int) -> dict:
+        if self.problems is None:
+            return arithmetic.train_problem(self.seed, index)
+        epoch, offset = divmod(index, len(self.problems))
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = list(range(len(self.problems)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self.problems[self._epoch_order[1][offset]]
+
+
+def load_eval_problems(source: str, size: int, prompt_key: str | None = None, answer_key: str | None = None) -> list[dict]:
+    """The first `size` held-out problems: the built-in task's fixed 500, or a data set's test split."""
+    problems = list(arithmetic.heldout_problems()) if source == ARITHMETIC else load_problems(source, "test", prompt_key, answer_key)
+    return problems[:size]
 
 
 def render_prompt(tokenizer, question: str, template: str) -> str:

@@ -1,0 +1,141 @@
+"""grpo.py as a trainer: the update's shortcuts are exact, and whole runs work, resume and fail cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.data import render_prompt
+from common.model import load_model, load_tokenizer
+from common.rollout import generate
+from grpo import Args, completion_logprobs, policy_gradient_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
+# A short run: 4 prompts x 4 samples, 20 held-out problems.
+SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+             "--max-new-tokens", "64", "--eval-every", "2"]
+
+
+def run_grpo(*flags, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "grpo.py", *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sampled_batch():
+    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
+    torch.manual_seed(0)
+    prompts = [render_prompt(tokenizer, q, "chat") for q in ("Compute 12+34.", "Compute 99-10+11-40.")]
+    rollout = generate(policy, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=48)
+    batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
+             "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
+             "mask": rollout.completion_mask.float(),
+             # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
+             "advantages": torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0])}
+    return policy, batch
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_skipping_zero_advantage_sequences_gives_the_same_gradient(sampled_batch, aggregation):
+    policy, batch = sampled_batch
+    args = Args(micro_batch_size=3, loss_aggregation=aggregation, max_new_tokens=48)
+    size = batch["mask"].shape[0]
+    totals = {"num_sequences": size, "num_tokens": batch["mask"].sum()}
+
+    def gradient(indices):
+        policy.zero_grad(set_to_none=True)
+        old_logp = torch.full_like(batch["mask"], float("nan"))
+        policy_gradient_pass(policy, batch, indices, args, old_logp, None, totals)
+        return [p.grad.clone() for p in policy.parameters()]
+
+    full = gradient(torch.arange(size))
+    skipped = gradient(torch.nonzero(batch["advantages"]).flatten())
+    assert any(g.abs().sum() > 0 for g in full)
+    for g_full, g_skip in zip(full, skipped):
+        assert torch.allclose(g_full, g_skip, atol=1e-7, rtol=1e-5)
+
+
+def test_first_pass_takes_old_logprobs_from_the_training_forward(sampled_batch):
+    policy, batch = sampled_batch
+    old_logp = torch.full_like(batch["mask"], float("nan"))
+    policy_gradient_pass(policy, batch, torch.arange(8), Args(micro_batch_size=8), old_logp, None,
+                         {"num_sequences": 8, "num_tokens": batch["mask"].sum()})
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1], 1.0)
+    assert torch.allclose(old_logp, fresh, atol=1e-5)
+
+
+def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
+    result = run_grpo(*SHORT_RUN, "--total-steps", "3", "--save-every", "2", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    [run_dir] = tmp_path.iterdir()
+    assert run_dir.name.startswith("arithmetic__grpo__1__")
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("reward_mean", "loss", "kl", "clip_fraction", "entropy", "response_length", "truncated_fraction",
+                "skipped_sequences", "time_generate", "time_score", "time_train", "tokens_per_sec", "eval_accuracy"):
+        assert key in metrics[0]
+    assert metrics[1]["eval_accuracy"] is not None and metrics[0]["eval_accuracy"] is None
+    assert 0.0 <= metrics[2]["reward_mean"] <= 1.0 and metrics[2]["response_length"] > 0
+    assert json.loads((run_dir / "args.json").read_text())["total_steps"] == 3
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_3", use_safetensors=True)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert "held-out greedy accuracy" in result.stdout
+
+
+def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
+    flags = [*SHORT_RUN, "--total-steps", "6", "--save-every", "2"]
+    reference = run_grpo(*flags, "--runs-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    [reference_dir] = (tmp_path / "reference").iterdir()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "grpo.py", *flags, "--runs-dir", str(tmp_path / "killed")],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list((tmp_path / "killed").glob("*/checkpoints/step_2")):
+        assert time.time() < deadline and process.poll() is None, "the run never wrote its step-2 checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    [killed_dir] = (tmp_path / "killed").iterdir()
+    assert not (killed_dir / "checkpoints" / "step_6").exists(), "the run finished before it was killed"
+
+    resumed = run_grpo("--resume", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = read_metrics(reference_dir), read_metrics(killed_dir)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    for before, after in zip(expected, got):
+        for key in ("reward_mean", "loss", "response_length", "eval_accuracy", "skipped_sequences"):
+            assert before[key] == pytest.approx(after[key], abs=1e-6), (before["step"], key)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "5"], "--micro-batch-size (5) must divide"),
+    (["--num-minibatches", "3"], "--num-minibatches (3) must divide"),
+    (["--dataset", "no/such/file.jsonl"], "no/such/file.jsonl"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--template", "fancy"], "--template must be one of"),
+])
+def test_bad_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
+    result = run_grpo(*flags, "--runs-dir", str(tmp_path), timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("grpo.py: error:") and message in lines[0], result.stderr
+    assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
