@@ -56,7 +56,7 @@ class Args:
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound c for negative advantages (verl: 3)"})
     kl_coef: float = field(default=0.0, metadata={"help": "beta of the KL-to-reference loss (DeepSeekMath 0.04); 0 loads no reference"})
     kl_estimator: str = field(default="k3", metadata={"help": "KL estimator: k1, k2 or k3"})
-    loss_aggregation: str = field(default="token-mean", metadata={"help": "token-mean, seq-mean-token-mean, seq-mean-token-sum or dr-grpo"})
+    loss_aggregation: str = field(default="token-mean", metadata={"help": "how token losses are averaged: token-mean, seq-mean-token-mean, seq-mean-token-sum or dr-grpo"})
     shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute rewards within the batch"})
     eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
     eval_size: int = field(default=500, metadata={"help": "held-out problems evaluated (greedy pass@1)"})
@@ -69,6 +69,9 @@ class Args:
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo")
 
 
 # ALGO LOGIC: the GRPO arithmetic, pure functions.
@@ -117,7 +120,9 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
         return -d
     if estimator == "k2":
         return 0.5 * d ** 2
-    return torch.exp(d) - d - 1
+    if estimator == "k3":
+        return torch.expm1(d) - d  # exp(d) - 1 via expm1: no cancellation, so never below 0 near d = 0
+    raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
 def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, max_len=None):
@@ -141,7 +146,9 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
         return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / num_sequences
     if mode == "seq-mean-token-sum":
         return masked.sum() / num_sequences
-    return masked.sum() / (num_sequences * max_len)
+    if mode == "dr-grpo":
+        return masked.sum() / (num_sequences * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
 # Plumbing: arguments, log-probs, the update, evaluation, checkpoints.
@@ -167,22 +174,22 @@ def parse_args(argv=None) -> Args:
 
 def check_args(args: Args):
     """Fail at start-up, in one line, on arguments that cannot work."""
+    batch_size = args.num_prompts * args.group_size
+    minibatch_size = batch_size // max(args.num_minibatches, 1)
     problems = [
         (args.group_size < 2, f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
         (args.num_prompts < 1 or args.total_steps < 1, "--num-prompts and --total-steps must be positive"),
         (args.max_new_tokens < 1, f"--max-new-tokens must be positive (got {args.max_new_tokens})"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
         (args.num_epochs < 1 or args.micro_batch_size < 1, "--num-epochs and --micro-batch-size must be positive"),
-        (args.num_minibatches < 1 or (args.num_prompts * args.group_size) % args.num_minibatches,
-         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {args.num_prompts * args.group_size} sequences"),
-        ((args.num_prompts * args.group_size // max(args.num_minibatches, 1)) % args.micro_batch_size
-         and args.micro_batch_size < args.num_prompts * args.group_size // max(args.num_minibatches, 1),
-         f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of "
-         f"{args.num_prompts * args.group_size // max(args.num_minibatches, 1)} sequences"),
+        (args.num_minibatches < 1 or batch_size % args.num_minibatches,
+         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
+        (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
+         f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of {minibatch_size} sequences"),
         (args.template not in PROMPT_TEMPLATES, f"--template must be one of {PROMPT_TEMPLATES} (got {args.template!r})"),
         (args.kl_estimator not in ("k1", "k2", "k3"), f"--kl-estimator must be k1, k2 or k3 (got {args.kl_estimator!r})"),
-        (args.loss_aggregation not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"),
-         f"--loss-aggregation {args.loss_aggregation!r} is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum, dr-grpo"),
+        (args.loss_aggregation not in LOSS_AGGREGATIONS,
+         f"--loss-aggregation must be one of {LOSS_AGGREGATIONS} (got {args.loss_aggregation!r})"),
     ]
     for failed, message in problems:
         if failed:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet
 
 from common import UsageError, arithmetic
+from common.verify import extract_final_answer
 
 ARITHMETIC = "arithmetic"  # the built-in task's name wherever a data set is expected
 PROMPT_TEMPLATES: tuple[str, ...] = ("chat", "chat-boxed", "plain")
@@ -183,7 +184,7 @@ def _answer(row: dict, answer_key: str | None) -> str:
     if row.get(key) is not None:
         return _final_answer(row[key], key)
     if answer_key is None and isinstance(row.get("solution"), str):
-        boxed = _last_boxed(row["solution"])
+        boxed = extract_final_answer(row["solution"])
         if boxed is None or not boxed.strip():
             raise _SkipRow("'answer' missing and 'solution' has no \\boxed{}")
         return boxed.strip()
@@ -206,19 +207,6 @@ def _final_answer(value, key: str) -> str:
     if not text:
         raise _SkipRow(f"{key!r} is empty")
     return text
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, braces matched, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth = 0
-    for end in range(start + len("\\boxed{") - 1, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        if depth == 0:
-            return text[start + len("\\boxed{") : end]
-    return None  # unbalanced braces
 
 
 def _abbreviate(numbers: list[int], shown: int = 10) -> str:

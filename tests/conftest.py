@@ -2,30 +2,14 @@
 
 import huggingface_hub.constants
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+from common.build_tiny import build_tokenizer
 
 
 @pytest.fixture
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with no merges (one token per byte) plus ChatML's special tokens; no pad token."""
-    byte_vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-        chat_template=CHATML_TEMPLATE,
-    )
+def tiny_tokenizer():
+    """The built-in tiny model's tokenizer (one token per byte, ChatML template), built in code."""
+    return build_tokenizer()
 
 
 @pytest.fixture

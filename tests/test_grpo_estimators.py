@@ -454,17 +454,9 @@ class TestKlPenalty:
     @PROPERTY
     @given(logp=LOGP, ref_logp=LOGP)
     def test_k3_is_non_negative(self, logp, ref_logp):
-        """exp(d) - d - 1 >= 0. Exactly so once d^2 / 2 exceeds the rounding of exp(d) near 1 (|d| >= 1e-6
-        here); for smaller |d| the current formula may round to -1 ulp of 1, see the strict xfail below."""
-        k3 = kl_penalty(f64([logp]), f64([ref_logp]), "k3").item()
-        if abs(ref_logp - logp) >= 1e-6:
-            assert k3 >= 0
-        else:
-            assert k3 >= -2.3e-16
+        """exp(d) - d - 1 >= 0 exactly, however small |d| is (computed as expm1(d) - d)."""
+        assert kl_penalty(f64([logp]), f64([ref_logp]), "k3").item() >= 0
 
-    @pytest.mark.xfail(strict=True, reason="grpo.py's k3 = exp(d) - d - 1 cancels to -1 ulp of 1 for small |d| "
-                                           "(|d| < ~2e-4 in float32); torch.expm1(d) - d is >= 0 exactly. "
-                                           "Remove this marker once that is fixed.")
     @pytest.mark.parametrize("dtype, spread", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
     def test_k3_is_non_negative_when_policy_is_close_to_reference(self, dtype, spread):
         """10,000 confident tokens (log-probs in [-0.5, 0]) with the reference a hair away: the float32

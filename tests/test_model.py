@@ -34,7 +34,6 @@ def tiny_dir(tmp_path, tiny_tokenizer):
     )
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(tmp_path)
-    tiny_tokenizer.pad_token = "<|endoftext|>"  # as Qwen's tokenizers have
     tiny_tokenizer.save_pretrained(tmp_path)
     return tmp_path, model
 
@@ -89,6 +88,7 @@ def test_tokenizer_pads_left_and_keeps_its_own_pad_token(tiny_dir):
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tiny_tokenizer):
     # A Llama-style folder: the tokenizer has no pad token, as Llama 3 has none.
+    tiny_tokenizer.pad_token = None
     tiny_tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     tokenizer = load_tokenizer(str(tmp_path))
