@@ -153,23 +153,26 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
 
 # Plumbing: arguments, log-probs, the update, evaluation, checkpoints.
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            value_type = int if f.type is int else float if f.type in (float, float | None) else str
-            parser.add_argument(flag, type=value_type, default=f.default, help=f.metadata["help"])
-    args = parser.parse_args(argv)
+    def build_parser(with_defaults: bool) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         argument_default=None if with_defaults else argparse.SUPPRESS)
+        for f in dataclasses.fields(Args):
+            flag, default = "--" + f.name.replace("_", "-"), {"default": f.default} if with_defaults else {}
+            if f.type is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
+            else:
+                value_type = int if f.type is int else float if f.type in (float, float | None) else str
+                parser.add_argument(flag, type=value_type, help=f.metadata["help"], **default)
+        return parser
+
+    args = Args(**vars(build_parser(with_defaults=True).parse_args(argv)))
     if args.resume is None:
-        return Args(**vars(args))
+        return args
     # Resume continues with the run's own arguments; flags given on this command line override them.
     saved = Path(args.resume) / "args.json"
     if not saved.is_file():
         sys.exit(f"grpo.py: error: --resume {args.resume}: not a run folder (no args.json in it)")
-    parser.set_defaults(**{f.name: argparse.SUPPRESS for f in dataclasses.fields(Args)})
-    return Args(**{**json.loads(saved.read_text()), **vars(parser.parse_args(argv))})
+    return Args(**{**json.loads(saved.read_text()), **vars(build_parser(with_defaults=False).parse_args(argv))})
 
 
 def check_args(args: Args):
