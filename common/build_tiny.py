@@ -5,9 +5,10 @@
 A character-level tokenizer and a 0.8M-parameter Qwen2 model, both made in code (nothing is
 downloaded), warm-started by supervised training on the imperfect demonstrations of
 `common/arithmetic.py` until greedy accuracy on a validation set (training-stream problems, not
-the held-out set) first reaches `--target-accuracy`. Reinforcement learning needs that warm start:
-from a cold model almost every group is all-wrong and carries no signal. Everything is seeded,
-so the same torch version on the same kind of machine rebuilds the same weights.
+the held-out set), checked every `--eval-every` steps, first exceeds `--target-accuracy`.
+Reinforcement learning needs that warm start: from a cold model almost every group is all-wrong
+and carries no signal. Everything is seeded and single-threaded, so the same torch version
+rebuilds the same weights.
 """
 
 import argparse
@@ -84,15 +85,18 @@ def greedy_accuracy(model, tokenizer, problems: list[dict]) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="folder to write the model to")
-    parser.add_argument("--target-accuracy", type=float, default=0.45, help="stop at the first evaluation at or above this")
+    parser.add_argument("--target-accuracy", type=float, default=0.5, help="stop at the first evaluation above this")
     parser.add_argument("--max-steps", type=int, default=4000, help="give up (and fail) after this many steps")
     parser.add_argument("--batch-size", type=int, default=32, help="demonstrations per step")
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW peak learning rate")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up of the learning rate")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between validation evaluations")
     parser.add_argument("--validation-size", type=int, default=200, help="validation problems (from the training stream)")
     args = parser.parse_args()
 
+    # One thread: the sums inside each matrix product then run in a fixed order, so the weights
+    # come out bit for bit the same on every run; for a model this small it is no slower.
+    torch.set_num_threads(1)
     torch.manual_seed(SFT_SEED)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
@@ -115,7 +119,7 @@ def main():
         if step % args.eval_every == 0:
             accuracy = greedy_accuracy(model, tokenizer, validation)
             print(f"step {step}: loss {loss.item():.4f}, validation greedy accuracy {accuracy:.3f}, {time.time() - start:.0f}s")
-            if accuracy >= args.target_accuracy:
+            if accuracy > args.target_accuracy:
                 break
     else:
         raise SystemExit(f"build_tiny: accuracy stayed below {args.target_accuracy} after {args.max_steps} steps")
