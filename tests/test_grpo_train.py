@@ -65,7 +65,8 @@ def test_skipping_zero_advantage_sequences_gives_the_same_gradient(sampled_batch
     skipped = gradient(torch.nonzero(batch["advantages"]).flatten())
     assert any(g.abs().sum() > 0 for g in full)
     for g_full, g_skip in zip(full, skipped):
-        assert torch.allclose(g_full, g_skip, atol=1e-7, rtol=1e-5)
+        # Equal up to float32 summation order (micro-batches group the sequences differently).
+        assert (g_full - g_skip).abs().max() <= 1e-5 * g_full.abs().max() + 1e-9
 
 
 def test_first_pass_takes_old_logprobs_from_the_training_forward(sampled_batch):
