@@ -322,6 +322,25 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def print_summary(args, run_dir, initial_accuracy, final_accuracy, history, elapsed):
+    """One screen at the end of a run: accuracy before and after, reward trend, where the time went."""
+    def mean(key, steps):
+        return sum(m[key] for m in steps) / max(len(steps), 1)
+    first, last = history[:10], history[-10:]
+    batch_size = args.num_prompts * args.group_size
+    print(f"\n{'=' * 72}\nGRPO, {args.model} on {args.dataset}, seed {args.seed}, steps {history[0]['step'] - 1}-{history[-1]['step']}"
+          f"\n  held-out greedy accuracy   {initial_accuracy:.3f} -> {final_accuracy:.3f} "
+          f"({100 * (final_accuracy - initial_accuracy):+.1f} points on {args.eval_size} problems)"
+          f"\n  sampled reward             {mean('reward_mean', first):.3f} (first {len(first)} steps) -> "
+          f"{mean('reward_mean', last):.3f} (last {len(last)})"
+          f"\n  response length            {mean('response_length', history):.1f} tokens, "
+          f"{100 * mean('truncated_fraction', history):.1f}% truncated"
+          f"\n  zero-advantage sequences   {100 * mean('skipped_sequences', history) / batch_size:.1f}% (skipped in training)"
+          f"\n  time per step              {mean('time_step', history):.2f}s: generate {mean('time_generate', history):.2f}s, "
+          f"score {mean('time_score', history):.3f}s, train {mean('time_train', history):.2f}s"
+          f"\n  wall time                  {elapsed:.0f}s with evaluations\n  run folder                 {run_dir}\n{'=' * 72}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -370,7 +389,7 @@ def main(argv=None):
     eval_accuracy = initial_accuracy = evaluate(policy, tokenizer, eval_problems, args)
     print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
     batch_size = args.num_prompts * args.group_size
-    started = time.time()
+    started, history = time.time(), []
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
     for step in progress:
         step_start = time.time()
@@ -405,6 +424,7 @@ def main(argv=None):
                    "response_length": completion_tokens / batch_size, "truncated_fraction": rollout.truncated.float().mean().item(),
                    "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
                    "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}
+        history.append(metrics)
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", eval=f"{eval_accuracy:.3f}")
@@ -412,11 +432,8 @@ def main(argv=None):
             save_checkpoint(run_dir, step, policy, tokenizer, optimizer, scheduler, args)
 
     metrics_file.close()
-    elapsed = time.time() - started
-    print(f"\n{'=' * 60}\nGRPO on {args.dataset} with {args.model}, seed {args.seed}: {run_dir}\n"
-          f"held-out greedy accuracy: {initial_accuracy:.3f} -> {eval_accuracy:.3f} "
-          f"({100 * (eval_accuracy - initial_accuracy):+.1f} points) over steps {start_step}-{args.total_steps}\n"
-          f"training time {elapsed:.0f}s ({elapsed / max(args.total_steps - start_step, 1):.2f}s per step)\n{'=' * 60}")
+    if history:  # empty when resuming a run that had already finished
+        print_summary(args, run_dir, initial_accuracy, eval_accuracy, history, time.time() - started)
 
 
 if __name__ == "__main__":
