@@ -125,8 +125,9 @@ def main():
         raise SystemExit(f"build_tiny: accuracy stayed below {args.target_accuracy} after {args.max_steps} steps")
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
     (args.out / "warm_start.json").write_text(json.dumps(
-        {"steps": step, "validation_greedy_accuracy": accuracy, **vars(args) | {"out": str(args.out)}}, indent=1))
+        {"steps": step, "validation_greedy_accuracy": accuracy, **settings}, indent=1))
     print(f"saved {args.out} after {step} steps, {time.time() - start:.0f}s")
 
 
