@@ -34,7 +34,8 @@ class Args:
     seed: int = field(default=1, metadata={"help": "seed of sampling, data order and initialisation"})
     model: str = field(default="tiny", metadata={"help": "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'"})
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set"})
-    eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out set: 'arithmetic' (500 problems), a file or a hub data set"})
+    eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out sets, comma-separated: arithmetic, math500, aime24, amc23, gsm8k, a file or a hub data set"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: ../shared/data if present)"})
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": f"prompt template, one of {PROMPT_TEMPLATES}"})
@@ -59,7 +60,9 @@ class Args:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "how token losses are averaged: token-mean, seq-mean-token-mean, seq-mean-token-sum or dr-grpo"})
     shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute rewards within the batch"})
     eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
-    eval_size: int = field(default=500, metadata={"help": "held-out problems evaluated (greedy pass@1)"})
+    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)"})
+    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)"})
+    eval_only: bool = field(default=False, metadata={"help": "only evaluate --model on --eval-dataset, then exit"})
     eval_batch_size: int = field(default=250, metadata={"help": "prompts per evaluation generate call"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
@@ -185,6 +188,7 @@ def check_args(args: Args):
         (args.max_new_tokens < 1, f"--max-new-tokens must be positive (got {args.max_new_tokens})"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
         (args.num_epochs < 1 or args.micro_batch_size < 1, "--num-epochs and --micro-batch-size must be positive"),
+        (args.eval_size < 0 or args.eval_samples < 0, "--eval-size and --eval-samples must be 0 or more"),
         (args.num_minibatches < 1 or batch_size % args.num_minibatches,
          f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
         (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
@@ -284,15 +288,45 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             "skipped_sequences": size - len(trained)}
 
 
-def evaluate(model, tokenizer, problems, args) -> float:
-    """Greedy pass@1 on the held-out problems."""
-    correct = 0.0
+def evaluate(model, tokenizer, problems, args) -> dict:
+    """Greedy pass@1 on held-out problems; with --eval-samples k also, from k samples at
+    --temperature per problem, mean@k (mean accuracy) and pass@k (share with any correct)."""
+    greedy_correct, sampled_correct = [], []
     for start in range(0, len(problems), args.eval_batch_size):
         chunk = problems[start:start + args.eval_batch_size]
         prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in chunk]
-        rollout = generate(model, tokenizer, prompts, args.max_new_tokens, greedy=True)
-        correct += sum(score_batch(rollout.texts, [problem["answer"] for problem in chunk]))
-    return correct / len(problems)
+        answers = [problem["answer"] for problem in chunk]
+        greedy_correct += score_batch(generate(model, tokenizer, prompts, args.max_new_tokens, greedy=True).texts, answers)
+        if args.eval_samples:
+            k = args.eval_samples
+            rollout = generate(model, tokenizer, [p for p in prompts for _ in range(k)], args.max_new_tokens, args.temperature)
+            sampled_correct += torch.tensor(score_batch(rollout.texts, [a for a in answers for _ in range(k)])).view(-1, k).tolist()
+    results = {"pass@1": sum(greedy_correct) / len(problems)}
+    if args.eval_samples:
+        sampled = torch.tensor(sampled_correct)  # [problems, k]
+        results[f"mean@{args.eval_samples}"] = sampled.mean().item()
+        results[f"pass@{args.eval_samples}"] = sampled.max(dim=1).values.mean().item()
+    return results
+
+
+def evaluate_all(model, tokenizer, eval_sets, args) -> dict:
+    """evaluate() on every held-out set: {name: {"pass@1": ..., ...}}."""
+    return {name: evaluate(model, tokenizer, problems, args) for name, problems in eval_sets.items()}
+
+
+def run_eval_only(policy, tokenizer, eval_sets, args):
+    """--eval-only: score --model on each held-out set, on screen and in the run folder's metrics.jsonl."""
+    run_dir = Path(args.runs_dir) / f"{'+'.join(Path(name).stem for name in eval_sets)}__eval__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    print(f"evaluating {args.model} ({args.template} template), run folder {run_dir}")
+    with (run_dir / "metrics.jsonl").open("w") as metrics_file:
+        for name, problems in eval_sets.items():
+            started = time.time()
+            results = evaluate(policy, tokenizer, problems, args)
+            metrics_file.write(json.dumps({"step": 0, "eval_dataset": name, "problems": len(problems), **results,
+                                           "time_eval": time.time() - started}) + "\n")
+            print(f"  {name:<24} {len(problems):>5} problems  " + "  ".join(f"{key} {value:.3f}" for key, value in results.items()))
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, args):
@@ -330,7 +364,7 @@ def print_summary(args, run_dir, initial_accuracy, final_accuracy, history, elap
     batch_size = args.num_prompts * args.group_size
     print(f"\n{'=' * 72}\nGRPO, {args.model} on {args.dataset}, seed {args.seed}, steps {history[0]['step'] - 1}-{history[-1]['step']}"
           f"\n  held-out greedy accuracy   {initial_accuracy:.3f} -> {final_accuracy:.3f} "
-          f"({100 * (final_accuracy - initial_accuracy):+.1f} points on {args.eval_size} problems)"
+          f"({100 * (final_accuracy - initial_accuracy):+.1f} points on {args.eval_dataset.split(',')[0]})"
           f"\n  sampled reward             {mean('reward_mean', first):.3f} (first {len(first)} steps) -> "
           f"{mean('reward_mean', last):.3f} (last {len(last)})"
           f"\n  response length            {mean('response_length', history):.1f} tokens, "
@@ -354,8 +388,9 @@ def main(argv=None):
             task = Path(args.dataset).stem
             run_dir = Path(args.runs_dir) / f"{task}__grpo__{args.seed}__{int(time.time())}"
             policy_source = args.model
-        train_stream = ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
-        eval_problems = load_eval_problems(args.eval_dataset, args.eval_size, args.prompt_key, args.answer_key)
+        train_stream = None if args.eval_only else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
+        eval_sets = {name: load_eval_problems(name, args.eval_size, args.prompt_key, args.answer_key, args.data_dir)
+                     for name in args.eval_dataset.split(",")}
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
@@ -366,6 +401,8 @@ def main(argv=None):
             ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)
     except UsageError as error:
         sys.exit(f"grpo.py: error: {error}")
+    if args.eval_only:
+        return run_eval_only(policy, tokenizer, eval_sets, args)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
@@ -386,7 +423,9 @@ def main(argv=None):
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     print(f"run folder: {run_dir}")
 
-    eval_accuracy = initial_accuracy = evaluate(policy, tokenizer, eval_problems, args)
+    # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
+    eval_results = evaluate_all(policy, tokenizer, eval_sets, args)
+    eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
     print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
@@ -418,9 +457,10 @@ def main(argv=None):
         step_time = time.time() - step_start
         evaluated = (args.eval_every and step % args.eval_every == 0) or step == args.total_steps
         if evaluated:
-            eval_accuracy = evaluate(policy, tokenizer, eval_problems, args)
+            eval_results = evaluate_all(policy, tokenizer, eval_sets, args)
+            eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
-                   "eval_accuracy": eval_accuracy if evaluated else None,
+                   "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
                    "response_length": completion_tokens / batch_size, "truncated_fraction": rollout.truncated.float().mean().item(),
                    "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
                    "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}

@@ -25,6 +25,15 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 
 # Hub data sets the papers use, with the config name load_dataset needs (None: the default one).
 HUB_DATASETS: dict[str, str | None] = {"openai/gsm8k": "main", "HuggingFaceH4/MATH-500": None}
+# Benchmarks by name: the file a local data folder holds, else the public hub data set and split.
+BENCHMARKS: dict[str, tuple[str, str, str]] = {
+    "math500": ("math500.jsonl", "HuggingFaceH4/MATH-500", "test"),
+    "aime24": ("aime24.jsonl", "HuggingFaceH4/aime_2024", "train"),
+    "amc23": ("amc23.jsonl", "math-ai/amc23", "test"),
+    "gsm8k": ("gsm8k_test.jsonl", "openai/gsm8k", "test"),
+}
+# Where a checkout of this project finds local copies: the shared data folder beside it.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
 PROMPT_KEYS = ("question", "problem", "prompt")  # tried in this order when no prompt_key is given
 
@@ -90,10 +99,23 @@ class ProblemStream:
         return self.problems[self._epoch_order[1][offset]]
 
 
-def load_eval_problems(source: str, size: int, prompt_key: str | None = None, answer_key: str | None = None) -> list[dict]:
-    """The first `size` held-out problems: the built-in task's fixed 500, or a data set's test split."""
-    problems = list(arithmetic.heldout_problems()) if source == ARITHMETIC else load_problems(source, "test", prompt_key, answer_key)
-    return problems[:size]
+def load_eval_problems(source: str, size: int = 0, prompt_key: str | None = None, answer_key: str | None = None,
+                       data_dir: str | None = None) -> list[dict]:
+    """The first `size` (0: all) held-out problems of `source`.
+
+    `source` is "arithmetic" (the built-in task's fixed 500), a benchmark name (BENCHMARKS: read
+    from `data_dir`, default DEFAULT_DATA_DIR, when the folder holds a copy, else from the hub;
+    their known layouts need no keys), or a file or hub data set (its test split).
+    """
+    if source == ARITHMETIC:
+        problems = list(arithmetic.heldout_problems())
+    elif source in BENCHMARKS:
+        file_name, hub_name, split = BENCHMARKS[source]
+        local_copy = Path(data_dir or DEFAULT_DATA_DIR) / file_name
+        problems = load_problems(str(local_copy)) if local_copy.is_file() else load_problems(hub_name, split)
+    else:
+        problems = load_problems(source, "test", prompt_key, answer_key)
+    return problems[:size] if size > 0 else problems
 
 
 def render_prompt(tokenizer, question: str, template: str) -> str:

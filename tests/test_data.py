@@ -8,7 +8,8 @@ import pyarrow.parquet
 import pytest
 
 from common import UsageError
-from common.data import BOXED_INSTRUCTION, PROMPT_TEMPLATES, load_problems, render_prompt
+from common.data import (BENCHMARKS, BOXED_INSTRUCTION, DEFAULT_DATA_DIR, PROMPT_TEMPLATES, ProblemStream,
+                         load_eval_problems, load_problems, render_prompt)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -248,3 +249,34 @@ def test_template_errors(tiny_tokenizer):
     for template in PROMPT_TEMPLATES[:2]:
         with pytest.raises(UsageError, match="--template plain"):
             render_prompt(tiny_tokenizer, "q", template)
+
+
+# ---- held-out sets by name, and the training stream ----
+
+
+@pytest.mark.parametrize("name, rows", [("math500", 500), ("gsm8k", 1319), ("aime24", 30), ("amc23", 40)])
+def test_benchmark_names_resolve_to_the_local_copies(name, rows):
+    shared_file(BENCHMARKS[name][0])  # skips when the shared folder is absent
+    assert DEFAULT_DATA_DIR == SHARED_DATA.resolve()
+    problems = load_eval_problems(name)
+    assert len(problems) == rows and all(p["question"] and p["answer"] for p in problems)
+    assert load_eval_problems(name, size=7) == problems[:7]
+
+
+def test_benchmark_name_without_local_copy_goes_to_the_hub(tmp_path, offline):
+    with pytest.raises(UsageError) as error:
+        load_eval_problems("math500", data_dir=str(tmp_path))
+    assert "HuggingFaceH4/MATH-500" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_problem_stream_replays_the_same_order_and_reshuffles_each_epoch():
+    source = shared_file("aime24.jsonl")
+    stream, again = ProblemStream(source, seed=3), ProblemStream(source, seed=3)
+    first_epoch = [stream[i]["question"] for i in range(30)]
+    assert first_epoch == [again[i]["question"] for i in range(30)]
+    assert sorted(first_epoch) == sorted(p["question"] for p in load_problems(source))
+    second_epoch = [stream[30 + i]["question"] for i in range(30)]
+    assert sorted(second_epoch) == sorted(first_epoch) and second_epoch != first_epoch
+    assert [ProblemStream(source, seed=4)[i]["question"] for i in range(30)] != first_epoch
+    arithmetic = ProblemStream("arithmetic", seed=3)
+    assert arithmetic[12345] == ProblemStream("arithmetic", seed=3)[12345] != arithmetic[12346]

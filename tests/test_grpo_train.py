@@ -125,6 +125,21 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
             assert before[key] == pytest.approx(after[key], abs=1e-6), (before["step"], key)
 
 
+def test_eval_only_reports_each_set_and_trains_nothing(tmp_path):
+    result = run_grpo("--eval-only", "--eval-dataset", "arithmetic,math500,gsm8k", "--eval-size", "6",
+                      "--eval-samples", "3", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    [run_dir] = tmp_path.iterdir()
+    assert run_dir.name.startswith("arithmetic+math500+gsm8k__eval__")
+    lines = read_metrics(run_dir)
+    assert [line["eval_dataset"] for line in lines] == ["arithmetic", "math500", "gsm8k"]
+    for line in lines:
+        assert line["problems"] == 6
+        assert 0.0 <= line["mean@3"] <= line["pass@3"] <= 1.0 and 0.0 <= line["pass@1"] <= 1.0
+    assert not (run_dir / "checkpoints").exists()
+    assert "pass@3" in result.stdout
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
