@@ -257,7 +257,7 @@ def test_template_errors(tiny_tokenizer):
 @pytest.mark.parametrize("name, rows", [("math500", 500), ("gsm8k", 1319), ("aime24", 30), ("amc23", 40)])
 def test_benchmark_names_resolve_to_the_local_copies(name, rows):
     shared_file(BENCHMARKS[name][0])  # skips when the shared folder is absent
-    assert DEFAULT_DATA_DIR == SHARED_DATA.resolve()
+    assert DEFAULT_DATA_DIR.resolve() == SHARED_DATA.resolve()
     problems = load_eval_problems(name)
     assert len(problems) == rows and all(p["question"] and p["answer"] for p in problems)
     assert load_eval_problems(name, size=7) == problems[:7]
