@@ -250,23 +250,23 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
     return stats
 
 
+@torch.no_grad()
+def frozen_logprobs(model, batch, args):
+    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients."""
+    return torch.cat([completion_logprobs(model, batch["input_ids"][start:start + args.micro_batch_size],
+                                          batch["attention_mask"][start:start + args.micro_batch_size],
+                                          batch["mask"].shape[1], args.temperature)[0]
+                      for start in range(0, batch["mask"].shape[0], args.micro_batch_size)])
+
+
 def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """num_epochs passes over the batch, num_minibatches optimizer steps each. Returns step metrics."""
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
     trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero(batch["advantages"] != 0).flatten()
-    with torch.no_grad():
-        if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
-            for start in range(0, size, args.micro_batch_size):
-                idx = torch.arange(start, min(start + args.micro_batch_size, size))
-                old_logp[idx] = completion_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx],
-                                                    old_logp.shape[1], args.temperature)[0]
-        ref_logp = None
-        if ref_model is not None:
-            ref_logp = torch.cat([completion_logprobs(ref_model, batch["input_ids"][s:s + args.micro_batch_size],
-                                                      batch["attention_mask"][s:s + args.micro_batch_size],
-                                                      old_logp.shape[1], args.temperature)[0]
-                                  for s in range(0, size, args.micro_batch_size)])
+    if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
+        old_logp = frozen_logprobs(policy, batch, args)
+    ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     minibatch_size = size // args.num_minibatches
     for _ in range(args.num_epochs):
