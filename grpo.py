@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common import UsageError
 from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
 from common.model import load_model, load_tokenizer
-from common.rollout import generate
+from common.rollout import check_context_length, generate
 from common.verify import score_batch
 
 
@@ -70,7 +70,7 @@ class Args:
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
 
 
@@ -161,7 +161,7 @@ def parse_args(argv=None) -> Args:
                                          argument_default=None if with_defaults else argparse.SUPPRESS)
         for f in dataclasses.fields(Args):
             flag, default = "--" + f.name.replace("_", "-"), {"default": f.default} if with_defaults else {}
-            if f.type is bool:
+            if f.type in (bool, bool | None):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
             else:
                 value_type = int if f.type is int else float if f.type in (float, float | None) else str
@@ -394,8 +394,17 @@ def main(argv=None):
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
-        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
+        # Checkpointing trades about a third more compute for activations a 1.5B-7B model cannot hold
+        # otherwise; the CPU-sized default model needs no such trade.
+        gradient_checkpointing = device.startswith("cuda") if args.gradient_checkpointing is None else args.gradient_checkpointing
+        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, gradient_checkpointing)
         policy.train()
+        # Every prompt this run will render, training and held-out, must leave room for a full response.
+        training = [] if args.eval_only else [(args.dataset, train_stream.problems or [
+            train_stream[i] for i in range(args.total_steps * args.num_prompts)])]
+        for name, problems in [*training, *eval_sets.items()]:
+            prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
+            check_context_length(policy, tokenizer, name, prompts, args.max_new_tokens)
         ref_model = None
         if args.kl_coef > 0:  # the reference is the starting model, frozen
             ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)

@@ -125,12 +125,15 @@ def render_prompt(tokenizer, question: str, template: str) -> str:
     "chat-boxed": the same with BOXED_INSTRUCTION as system message, Qwen2.5-Math's CoT format.
     "plain": no chat format, for base models, in the style of SimpleRL-Zoo's simple prompt
     (arXiv 2503.18892). Chat templates already contain BOS where the model wants one, so "plain"
-    adds it too and every template is tokenized the same way.
+    adds it too and every template is tokenized the same way. "Wants one" means the tokenizer
+    adds it when encoding text (Llama 3): a `bos_token` alone can be a chat marker that is never
+    prepended (SmolLM2's is `<|im_start|>`).
     """
     if template not in PROMPT_TEMPLATES:
         raise UsageError(f"unknown template {template!r}; use one of {', '.join(PROMPT_TEMPLATES)}")
     if template == "plain":
-        return f"{tokenizer.bos_token or ''}Question:\n{question}\n{BOXED_INSTRUCTION}\nAnswer:\n"
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("Q").input_ids[:1] == [tokenizer.bos_token_id]
+        return f"{tokenizer.bos_token if adds_bos else ''}Question:\n{question}\n{BOXED_INSTRUCTION}\nAnswer:\n"
     if not tokenizer.chat_template:
         raise UsageError(f"the tokenizer has no chat template for --template {template}; use --template plain")
     messages = [{"role": "user", "content": question}]

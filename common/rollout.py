@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common import UsageError
+
 
 @dataclass
 class Rollout:
@@ -30,6 +32,26 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
+
+
+def check_context_length(model, tokenizer, name: str, prompts: list[str], max_new_tokens: int):
+    """Raise a one-line UsageError if a prompt plus `max_new_tokens` exceeds the model's context.
+
+    Past `max_position_embeddings`, generate() neither stops nor warns: positions beyond the
+    trained range give garbage (Qwen2.5-Math-7B: 4,096 tokens). A config that declares no limit
+    is not checked.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    too_long = sum(length + max_new_tokens > limit for length in lengths)
+    if too_long:
+        raise UsageError(
+            f"{too_long} of {len(prompts)} prompts of {name} do not fit the model's context of {limit} tokens "
+            f"(max_position_embeddings): the longest is {max(lengths)} tokens, plus --max-new-tokens "
+            f"{max_new_tokens} makes {max(lengths) + max_new_tokens}; lower --max-new-tokens or drop the long prompts"
+        )
 
 
 def completion_mask_and_truncation(completion_ids: torch.Tensor, eos_ids: list[int]):

@@ -238,7 +238,9 @@ def test_plain_template(tiny_tokenizer):
     assert BOXED_INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
     assert render_prompt(tiny_tokenizer, "What is 1+1?", "plain") == expected
     tiny_tokenizer.chat_template = None  # base models may have none; "plain" does not need one
-    tiny_tokenizer.bos_token = "<|endoftext|>"  # a model with BOS (Llama) gets it, as its chat template would
+    tiny_tokenizer.bos_token = "<|endoftext|>"  # a BOS token the tokenizer never prepends (SmolLM2) is left out
+    assert render_prompt(tiny_tokenizer, "What is 1+1?", "plain") == expected
+    tiny_tokenizer.add_bos_token = True  # a model whose tokenizer prepends BOS (Llama 3) gets it, as its chat template would
     assert render_prompt(tiny_tokenizer, "What is 1+1?", "plain") == "<|endoftext|>" + expected
 
 

@@ -126,13 +126,18 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
 
 
 def test_eval_only_reports_each_set_and_trains_nothing(tmp_path):
-    result = run_grpo("--eval-only", "--eval-dataset", "arithmetic,math500,gsm8k", "--eval-size", "6",
-                      "--eval-samples", "3", "--runs-dir", str(tmp_path))
+    # The benchmarks by name (math500, gsm8k) are run on a real model in test_real_model.py: their
+    # prompts do not fit the tiny model's 256-token context. Here: the built-in set and a file.
+    sums = tmp_path / "sums.jsonl"
+    sums.write_text("".join(json.dumps({"problem": f"Compute {a}+{a}.", "solution": f"\\boxed{{{2 * a}}}"}) + "\n"
+                            for a in range(10, 16)))
+    result = run_grpo("--eval-only", "--eval-dataset", f"arithmetic,{sums}", "--eval-size", "6",
+                      "--eval-samples", "3", "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-2000:]
-    [run_dir] = tmp_path.iterdir()
-    assert run_dir.name.startswith("arithmetic+math500+gsm8k__eval__")
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("arithmetic+sums__eval__")
     lines = read_metrics(run_dir)
-    assert [line["eval_dataset"] for line in lines] == ["arithmetic", "math500", "gsm8k"]
+    assert [line["eval_dataset"] for line in lines] == ["arithmetic", str(sums)]
     for line in lines:
         assert line["problems"] == 6
         assert 0.0 <= line["mean@3"] <= line["pass@3"] <= 1.0 and 0.0 <= line["pass@1"] <= 1.0
@@ -155,3 +160,11 @@ def test_bad_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("grpo.py: error:") and message in lines[0], result.stderr
     assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
+
+
+def test_prompts_longer_than_the_context_stop_the_run_at_start_up(tmp_path):
+    result = run_grpo("--eval-dataset", "math500", "--runs-dir", str(tmp_path), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "grpo.py: error: 266 of 500 prompts of math500 do not fit the model's context of 256 tokens"), result.stderr
+    assert not any(tmp_path.iterdir())
