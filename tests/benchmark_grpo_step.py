@@ -2,9 +2,10 @@
 
     python tests/benchmark_grpo_step.py [--steps 12] [--threads 1 2] [extra grpo.py flags ...]
 
-Runs grpo.py on the tiny model at the reference batch (8 prompts x 8 samples, up to 32 new
-tokens) once per thread count, then prints the mean of each timing in metrics.jsonl, skipping
-the first two steps (warm-up). Compare numbers from one invocation only: these machines are noisy.
+Runs grpo.py at the reference batch (8 prompts x 8 samples, up to 32 new tokens; the tiny model
+unless the extra flags name a --model) once per thread count, then prints the mean of each
+timing in metrics.jsonl, skipping the first two steps (warm-up). Compare numbers from one
+invocation only: these machines are noisy.
 """
 
 import argparse

@@ -112,7 +112,7 @@ def test_sampled_logprobs_match_the_trainers_forward_pass(real, questions):
     with torch.no_grad():
         logp, _ = completion_logprobs(model, input_ids, attention_mask, rollout.completion_ids.shape[1], 0.8)
     mask = rollout.completion_mask.bool()
-    assert (logp[mask] - rollout.logprobs[mask]).abs().max() < 1e-3
+    assert (logp[mask] - rollout.logprobs[mask]).abs().max() < 1e-4  # measured 1.3e-5 in fp32
 
 
 def test_one_update_moves_log_probs_the_way_the_advantages_point(real_model_dir, questions):
@@ -171,19 +171,19 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
     assert torch.equal(in_memory, from_disk)
 
 
-def test_eval_only_runs_on_math500_and_gsm8k_slices(real_model_dir, tmp_path):
+def test_eval_only_runs_on_slices_of_the_four_benchmarks(real_model_dir, tmp_path):
     result = subprocess.run([sys.executable, "grpo.py", "--eval-only", "--model", str(real_model_dir),
-                             "--eval-dataset", "math500,gsm8k", "--eval-size", "3", "--eval-samples", "2",
+                             "--eval-dataset", "math500,aime24,amc23,gsm8k", "--eval-size", "2", "--eval-samples", "2",
                              "--max-new-tokens", "32", "--template", "chat-boxed", "--runs-dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["eval_dataset"] for line in lines] == ["math500", "gsm8k"]
+    assert [line["eval_dataset"] for line in lines] == ["math500", "aime24", "amc23", "gsm8k"]
     for line in lines:
-        assert line["problems"] == 3 and 0.0 <= line["mean@2"] <= line["pass@2"] <= 1.0 and 0.0 <= line["pass@1"] <= 1.0
-    assert "math500" in result.stdout and "pass@2" in result.stdout
+        assert line["problems"] == 2 and 0.0 <= line["mean@2"] <= line["pass@2"] <= 1.0 and 0.0 <= line["pass@1"] <= 1.0
+    assert "aime24" in result.stdout and "pass@2" in result.stdout
 
 
 def test_prompts_that_leave_no_room_for_the_response_are_refused(real, questions):
