@@ -98,6 +98,17 @@ def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     assert "held-out greedy accuracy" in result.stdout
 
 
+def test_memory_switches_of_large_models_also_run_on_a_cpu(tmp_path):
+    """--gradient-checkpointing and --dtype bfloat16, the GPU settings, through a whole run."""
+    result = run_grpo(*SHORT_RUN, "--total-steps", "2", "--gradient-checkpointing", "--dtype", "bfloat16",
+                      "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    [run_dir] = tmp_path.iterdir()
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(run_dir))
+    config = json.loads((run_dir / "checkpoints" / "step_2" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["use_cache"] is False  # use_cache: checkpointing was on
+
+
 def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
     flags = [*SHORT_RUN, "--total-steps", "6", "--save-every", "2"]
     reference = run_grpo(*flags, "--runs-dir", str(tmp_path / "reference"))

@@ -152,11 +152,14 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
     grpo.main(["--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
                "--eval-dataset", "gsm8k", "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2",
                "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--eval-every", "0",
-               "--runs-dir", str(tmp_path)])
+               "--kl-coef", "0.04", "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("gsm8k_train__grpo__1__") and saved["step"] == 2
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["eval"]["gsm8k"]["pass@1"] is not None
+    # With a KL term every sequence goes through the training pass, beside a reference model
+    # loaded from the same folder; at step 1 policy and reference agree, so the KL is ~0.
+    assert metrics[0]["skipped_sequences"] == 0 and abs(metrics[0]["kl"]) < 1e-6
     checkpoint = run_dir / "checkpoints" / "step_2"
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True)
     tokenizer = load_tokenizer(str(checkpoint))
