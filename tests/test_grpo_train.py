@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +15,12 @@ from common.data import render_prompt
 from common.model import load_model, load_tokenizer
 from common.rollout import generate
 from grpo import Args, completion_logprobs, policy_gradient_pass
+from grpo_runs import ROOT, read_metrics, run_grpo
 
-ROOT = Path(__file__).resolve().parents[1]
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
 SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "2"]
-
-
-def run_grpo(*flags, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "grpo.py", *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,6 @@ prepends, its chat template injects a default system prompt, and prompts are a f
 few hundred BPE tokens whose lengths differ widely in a batch.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -24,8 +18,8 @@ from common.data import BOXED_INSTRUCTION, DEFAULT_DATA_DIR, load_problems, rend
 from common.model import load_model, load_tokenizer
 from common.rollout import check_context_length, eos_token_ids, generate
 from grpo import Args, completion_logprobs, update_policy
+from grpo_runs import read_metrics, run_grpo
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 SHORT_QUESTION = "What is 2+3? Reply with only the number."
 
@@ -155,7 +149,7 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
                "--kl-coef", "0.04", "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("gsm8k_train__grpo__1__") and saved["step"] == 2
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["eval"]["gsm8k"]["pass@1"] is not None
     # With a KL term every sequence goes through the training pass, beside a reference model
     # loaded from the same folder; at step 1 policy and reference agree, so the KL is ~0.
@@ -175,14 +169,12 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
 
 
 def test_eval_only_runs_on_slices_of_the_four_benchmarks(real_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, "grpo.py", "--eval-only", "--model", str(real_model_dir),
-                             "--eval-dataset", "math500,aime24,amc23,gsm8k", "--eval-size", "2", "--eval-samples", "2",
-                             "--max-new-tokens", "32", "--template", "chat-boxed", "--runs-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = run_grpo("--eval-only", "--model", str(real_model_dir), "--eval-dataset", "math500,aime24,amc23,gsm8k",
+                      "--eval-size", "2", "--eval-samples", "2", "--max-new-tokens", "32", "--template", "chat-boxed",
+                      "--runs-dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run_dir)
     assert [line["eval_dataset"] for line in lines] == ["math500", "aime24", "amc23", "gsm8k"]
     for line in lines:
         assert line["problems"] == 2 and 0.0 <= line["mean@2"] <= line["pass@2"] <= 1.0 and 0.0 <= line["pass@1"] <= 1.0
