@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from common import UsageError
+from common.data import render_prompt
 
 
 @dataclass
@@ -52,6 +53,17 @@ def check_context_length(model, tokenizer, name: str, prompts: list[str], max_ne
             f"(max_position_embeddings): the longest is {max(lengths)} tokens, plus --max-new-tokens "
             f"{max_new_tokens} makes {max(lengths) + max_new_tokens}; lower --max-new-tokens or drop the long prompts"
         )
+
+
+def check_prompts_fit(model, tokenizer, problem_sets: dict[str, list[dict]], template: str, max_new_tokens: int):
+    """check_context_length on every problem of every named set, rendered with `template`.
+
+    Trainers call it at start-up on everything the run will prompt with (the training problems
+    and every held-out set), so that a long prompt stops the run before any work is done.
+    """
+    for name, problems in problem_sets.items():
+        prompts = [render_prompt(tokenizer, problem["question"], template) for problem in problems]
+        check_context_length(model, tokenizer, name, prompts, max_new_tokens)
 
 
 def completion_mask_and_truncation(completion_ids: torch.Tensor, eos_ids: list[int]):

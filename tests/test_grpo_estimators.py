@@ -1,7 +1,7 @@
 """Tests of GRPO's pure arithmetic in grpo.py: group advantages, the clipped surrogate, the KL
 estimators and the loss aggregation modes.
 
-The exact vectors come from /work/shared/spec/methods.md section 1 (6 decimals there, so compared
+The exact vectors come from ../shared/spec/methods.md section 1 (6 decimals there, so compared
 with abs=1e-6). The properties run under hypothesis, in float64 unless stated, with tolerances derived from float
 rounding rather than picked to make the tests pass; each is stated next to the test that uses it.
 """

@@ -33,7 +33,8 @@ def sampled_batch():
              "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
              "mask": rollout.completion_mask.float(),
              # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
-             "advantages": torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0])}
+             # Per token [B, C], as the trainer hands them to the loss: the response's value on its tokens.
+             "advantages": torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]).view(-1, 1) * rollout.completion_mask}
     return policy, batch
 
 
@@ -51,7 +52,7 @@ def test_skipping_zero_advantage_sequences_gives_the_same_gradient(sampled_batch
         return [p.grad.clone() for p in policy.parameters()]
 
     full = gradient(torch.arange(size))
-    skipped = gradient(torch.nonzero(batch["advantages"]).flatten())
+    skipped = gradient(torch.nonzero(batch["advantages"].any(dim=1)).flatten())
     assert any(g.abs().sum() > 0 for g in full)
     for g_full, g_skip in zip(full, skipped):
         # Equal up to float32 summation order (micro-batches group the sequences differently).

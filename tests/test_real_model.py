@@ -116,7 +116,7 @@ def test_one_update_moves_log_probs_the_way_the_advantages_point(real_model_dir,
     rollout = generate(model, tokenizer, [prompt, prompt], max_new_tokens=12)
     input_ids, attention_mask = batch_of(rollout)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": rollout.completion_mask.float(),
-             "advantages": torch.tensor([1.0, -1.0])}
+             "advantages": torch.tensor([1.0, -1.0]).view(-1, 1) * rollout.completion_mask}
     args = Args(learning_rate=1e-5, warmup_steps=1, micro_batch_size=2, max_new_tokens=12)
 
     def sequence_logprobs():

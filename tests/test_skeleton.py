@@ -1,0 +1,104 @@
+"""Every trainer is grpo.py plus marked method blocks, and nothing else.
+
+Outside its module docstring, the fields of its `Args` dataclass and the blocks that run from a
+`# ALGO LOGIC: <what changes>` line to a `# ALGO LOGIC END` line, a trainer must be line for line
+the same as grpo.py. So `diff grpo.py <method>.py` shows the method only, and a plumbing fix made
+in one trainer but not in the others fails here, naming the lines.
+"""
+
+import difflib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "grpo.py"
+TRAINERS = sorted(path for path in ROOT.glob("*.py") if path != TEMPLATE)
+BLOCK_START, BLOCK_END = "# ALGO LOGIC:", "# ALGO LOGIC END"
+
+
+def skeleton(text: str) -> list[tuple[int, str]]:
+    """The (line number, line) pairs of a trainer outside its marked parts, in order.
+
+    Raises ValueError on a block that never ends or an end with no block open.
+    """
+    lines = text.splitlines()
+    kept, in_block, in_args, index = [], False, False, 0
+    if lines and lines[0].startswith('"""'):  # the module docstring
+        index = 1 if lines[0].count('"""') >= 2 else next(i for i, line in enumerate(lines[1:], 2) if '"""' in line)
+    for number, line in enumerate(lines[index:], index + 1):
+        stripped = line.strip()
+        if stripped.startswith(BLOCK_START):
+            if in_block:
+                raise ValueError(f"line {number}: a block starts inside the block that is still open")
+            in_block = True
+        elif stripped == BLOCK_END:
+            if not in_block:
+                raise ValueError(f"line {number}: {BLOCK_END} with no block open")
+            in_block = False
+        elif line == "class Args:":
+            in_args = True
+            kept.append((number, line))
+        elif in_args and line.startswith("    "):
+            continue  # the fields of Args are each method's own
+        else:
+            in_args = False
+            if not in_block:
+                kept.append((number, line))
+    if in_block:
+        raise ValueError(f"a block is still open at the end of the file (missing {BLOCK_END})")
+    return kept
+
+
+def skeleton_differences(template_text: str, trainer_text: str, trainer_name: str) -> list[str]:
+    """Lines where `trainer_text` leaves grpo.py's skeleton, as a unified diff with line numbers."""
+    template, trainer = skeleton(template_text), skeleton(trainer_text)
+    matcher = difflib.SequenceMatcher(None, [line for _, line in template], [line for _, line in trainer], autojunk=False)
+    report = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        report += [f"grpo.py:{number}: -{line}" for number, line in template[i1:i2]]
+        report += [f"{trainer_name}:{number}: +{line}" for number, line in trainer[j1:j2]]
+    return report
+
+
+@pytest.mark.parametrize("trainer", TRAINERS, ids=lambda path: path.name)
+def test_trainer_differs_from_grpo_only_inside_marked_blocks(trainer):
+    differences = skeleton_differences(TEMPLATE.read_text(), trainer.read_text(), trainer.name)
+    assert not differences, (
+        f"{trainer.name} leaves grpo.py's skeleton outside its marked blocks; make the same change in "
+        f"every trainer, or mark it {BLOCK_START} ... {BLOCK_END}:\n" + "\n".join(differences))
+
+
+def test_grpo_marks_its_method_blocks():
+    text = TEMPLATE.read_text()
+    assert text.count(BLOCK_START) == text.count(BLOCK_END) >= 3
+    assert len(skeleton(text)) < len(text.splitlines())
+
+
+def test_a_plumbing_change_in_a_copy_is_caught_and_named():
+    template = TEMPLATE.read_text()
+    [(number, line)] = [(n, line) for n, line in enumerate(template.splitlines(), 1) if "optimizer.zero_grad(" in line]
+    changed = line.replace("zero_grad(set_to_none=True)", "zero_grad()")
+    broken = template.replace(line, changed)
+    assert skeleton_differences(template, broken, "copy.py") == [f"grpo.py:{number}: -{line}", f"copy.py:{number}: +{changed}"]
+
+
+def test_changes_inside_blocks_docstring_and_args_are_allowed():
+    template = TEMPLATE.read_text()
+    changed = template.replace('"""GRPO: Group Relative', '"""NEW: a new method on top of Group Relative', 1)
+    changed = changed.replace("    seed: int = field(default=1,", "    new_flag: int = 3\n    seed: int = field(default=2,", 1)
+    start = changed.index(BLOCK_START)
+    changed = changed[:start] + f"{BLOCK_START} a new estimator\ndef new_estimator():\n    return 0\n{BLOCK_END}\n" + changed[start:]
+    assert changed != template and skeleton_differences(template, changed, "copy.py") == []
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"x = 1\n{BLOCK_START} open\ny = 2\n", "still open"),
+    (f"x = 1\n{BLOCK_END}\n", "with no block open"),
+    (f"{BLOCK_START} a\n{BLOCK_START} b\n{BLOCK_END}\n", "inside the block"),
+])
+def test_unbalanced_markers_are_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        skeleton(text)
