@@ -1,0 +1,147 @@
+"""Phrases in sampled responses: find them in the text, mark the tokens that wrote them, mine new ones.
+
+A method that looks for phrases ("wait", "let's try") in the *text* of a response and acts on the
+*tokens* that wrote them needs each sampled token's character span. Re-tokenizing the decoded
+text (`return_offsets_mapping`) is not enough: a model may sample a non-canonical split ("w" "ait"
+where the tokenizer would write "wait"), and the trainer trains on the sampled ids. So the spans
+here come from decoding the sampled ids themselves.
+
+Matching is on lowercased text, whole words only, so that "Wait," and " wait" match "wait"
+however the tokenizer cut them, and "so" does not match inside "also".
+"""
+
+import os
+import re
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from common import UsageError
+
+DECODE_WINDOW = 4  # tokens of left context per token: enough for any UTF-8 character (at most 4 bytes)
+
+
+def load_phrases(path, flag: str) -> list[str]:
+    """The phrases of a file, one per line: lowercased, runs of spaces collapsed, blank lines skipped.
+
+    A file that cannot be read or holds no phrase is a one-line UsageError naming `flag`.
+    """
+    try:
+        phrases = {" ".join(line.lower().split()) for line in Path(path).read_text(encoding="utf-8").splitlines()} - {""}
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag} {path}: cannot read it ({error})") from None
+    if not phrases:
+        raise UsageError(f"{flag} {path}: no phrase in it (write one phrase per line)")
+    return sorted(phrases)
+
+
+def phrase_pattern(phrases: list[str]) -> re.Pattern:
+    """A regex that finds, at each position of a text, the longest of `phrases` starting there.
+
+    Case-insensitive; whole words only (no letter or digit may touch a phrase that begins or ends
+    with one); any whitespace between words; ' or ’ for an apostrophe. The match is inside a
+    lookahead, so phrases that overlap each other are all found.
+    """
+    def regex(phrase):
+        body = r"\s+".join(re.escape(word) for word in phrase.split()).replace("'", "['’]")
+        return (r"(?<!\w)" if phrase[0].isalnum() else "") + body + (r"(?!\w)" if phrase[-1].isalnum() else "")
+    longest_first = sorted(phrases, key=len, reverse=True)
+    return re.compile("(?=(" + "|".join(regex(phrase) for phrase in longest_first) + "))", re.IGNORECASE)
+
+
+def find_phrases(texts: list[str], pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], Counter]:
+    """The (start, end) of every phrase occurrence in each text, and the count of each phrase over all texts.
+
+    The spans keep overlaps (every character a phrase covers is found). The counts do not: they take
+    the leftmost, longest phrase and go on after it, so "but wait" is one use of "but wait" and not
+    also one of "wait". Counts are keyed by the phrase as written in the list (lowercase, one space).
+    """
+    spans, counts = [], Counter()
+    for text in texts:
+        spans.append([match.span(1) for match in pattern.finditer(text)])
+        end = 0
+        for start, stop in spans[-1]:
+            if start >= end:
+                counts[" ".join(text[start:stop].lower().replace("’", "'").split())] += 1
+                end = stop
+    return spans, counts
+
+
+def response_token_spans(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                         window: int = DECODE_WINDOW) -> tuple[list[str], list[list[int]]]:
+    """The text of each response and the character offset where each of its tokens ends.
+
+    Token t of a response spans characters [ends[t-1], ends[t]) of its text (from 0 for t = 0);
+    only the tokens under `completion_mask` [B, C] are listed. Special tokens (EOS) decode to
+    nothing and so span nothing. Token t's text is what decoding ids[t-window:t+1] adds to
+    decoding ids[t-window:t]: the left context makes leading spaces and multi-token characters
+    come out as they do in the whole text, at a cost linear in the length. A token that only
+    starts a multi-byte character spans nothing; the token that completes it gets the character.
+    The text is the pieces joined, equal to decoding the ids without clean-up of spaces.
+    """
+    rows = [ids[:length] for ids, length in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())]
+    windows = [row[max(0, t - window):t + stop] for row in rows for t in range(len(row)) for stop in (0, 1)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the same decoding, without transformers' per-call overhead
+    decoded = iter(backend.decode_batch(windows, skip_special_tokens=True) if backend is not None else
+                   tokenizer.batch_decode(windows, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    texts, token_ends = [], []
+    for row in rows:
+        pieces, ends = [], []
+        for _ in row:
+            before, after = next(decoded), next(decoded)
+            # U+FFFD at the end: a character this token starts but does not finish (the next token adds it).
+            pieces.append(after[len(os.path.commonprefix([before, after])):].rstrip("\ufffd"))
+            ends.append((ends[-1] if ends else 0) + len(pieces[-1]))
+        texts.append("".join(pieces))
+        token_ends.append(ends)
+    return texts, token_ends
+
+
+def tokens_covering(token_ends: list[list[int]], char_spans: list[list[tuple[int, int]]], width: int) -> torch.Tensor:
+    """[B, width] float: 1 on every token whose characters overlap one of its row's (start, end) spans.
+
+    A token only partly inside a span counts (" wait" for the span of "wait"). A token that spans no
+    characters (the first bytes of a character the next token completes, or EOS) counts only
+    strictly inside a span, so never at a response's end.
+    """
+    covered = torch.zeros(len(token_ends), width)
+    for row, (ends, spans) in enumerate(zip(token_ends, char_spans)):
+        for start, end in spans:
+            # Token t overlaps [start, end) iff ends[t] > start and its own start, ends[t-1], < end.
+            first, last = bisect_right(ends, start), min(bisect_left(ends, end), len(ends) - 1)
+            covered[row, first:last + 1] = 1.0
+    return covered
+
+
+def phrase_token_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      pattern: re.Pattern) -> tuple[torch.Tensor, Counter]:
+    """[B, C] float, 1 on the sampled tokens that write a phrase of `pattern`, on the device of
+    `completion_ids`; and the count of each phrase over the batch (see find_phrases)."""
+    texts, token_ends = response_token_spans(tokenizer, completion_ids, completion_mask)
+    spans, counts = find_phrases(texts, pattern)
+    return tokens_covering(token_ends, spans, completion_ids.shape[1]).to(completion_ids.device), counts
+
+
+class NgramDocumentFrequency(Counter):
+    """For each word n-gram, how many of the texts added so far contain it (a text counts once).
+
+    Words are the text's whitespace-separated pieces, lowercased, punctuation kept ("wait," "but").
+    `state_dict`/`load_state_dict` let a trainer keep the counts in its checkpoints.
+    """
+
+    def add(self, texts: list[str], sizes=(3, 4, 5)):
+        for words in (text.lower().split() for text in texts):
+            self.update({" ".join(words[i:i + n]) for n in sizes for i in range(len(words) - n + 1)})
+
+    def top(self, k: int) -> list[str]:
+        """The k n-grams in the most texts, ties in alphabetical order."""
+        return sorted(self, key=lambda ngram: (-self[ngram], ngram))[:k]
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict):
+        self.clear()
+        self.update(state)
