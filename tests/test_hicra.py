@@ -21,7 +21,7 @@ from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
 PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine is shared
 SPEC = 1e-6  # the spec's vectors are given to 6 decimals
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "8",
              "--max-new-tokens", "64", "--eval-every", "0"]
 ARITHMETIC_GRAMS = phrase_pattern(load_phrases(hicra.Path(hicra.__file__).parent / "data" / "arithmetic_strategic_grams.txt", "-"))
 
