@@ -35,7 +35,7 @@ from common.verify import score_batch
 import math
 
 from common.data import ARITHMETIC
-from common.phrases import NgramDocumentFrequency, load_phrases, phrase_pattern, phrase_token_mask
+from common.phrases import NgramDocumentFrequency, index_phrases, load_phrases, phrase_token_mask
 # ALGO LOGIC END
 
 METHOD = Path(__file__).stem  # run folders and messages are named after the file
@@ -326,7 +326,7 @@ def main(argv=None):
             raise UsageError(f"--hicra-alpha must be in [0, 1] (got {args.hicra_alpha}): above 1 it rewards planning in wrong answers")
         if args.mine_grams and not Path(args.mine_grams).resolve().parent.is_dir():
             raise UsageError(f"--mine-grams {args.mine_grams}: there is no such folder to write it in")
-        gram_pattern = phrase_pattern(load_phrases(args.strategic_grams or Path(__file__).parent / "data" / (
+        strategic_grams = index_phrases(load_phrases(args.strategic_grams or Path(__file__).parent / "data" / (
             "arithmetic_strategic_grams.txt" if args.dataset == ARITHMETIC else "hicra_strategic_grams.txt"), "--strategic-grams"))
         mined = NgramDocumentFrequency()  # the miner's counts, kept in checkpoints
         # ALGO LOGIC END
@@ -396,7 +396,7 @@ def main(argv=None):
         train_rewards = rewards.flatten()[torch.randperm(batch_size)].view_as(rewards) if args.shuffle_rewards else rewards
         # ALGO LOGIC: HICRA's advantage: GRPO's (mean-only by default), then A + alpha |A| on planning tokens.
         advantages = grpo_advantages(train_rewards, args.advantage_eps, args.scale_by_std).view(-1, 1) * mask  # [B, C]
-        planning, gram_counts = phrase_token_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, gram_pattern)
+        planning, gram_counts = phrase_token_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, strategic_grams)
         if args.third_party_entropy_variant:  # NOT the paper's rule: see high_entropy_tokens
             input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1).split(args.micro_batch_size)
             attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1).split(args.micro_batch_size)

@@ -6,8 +6,8 @@ text (`return_offsets_mapping`) is not enough: a model may sample a non-canonica
 where the tokenizer would write "wait"), and the trainer trains on the sampled ids. So the spans
 here come from decoding the sampled ids themselves.
 
-Matching is on lowercased text, whole words only, so that "Wait," and " wait" match "wait"
-however the tokenizer cut them, and "so" does not match inside "also".
+Matching is word by word on lowercased text, so "Wait," and " wait" both hold the phrase "wait"
+however the tokenizer cut them, and "so" is not found inside "also".
 """
 
 import os
@@ -37,35 +37,48 @@ def load_phrases(path, flag: str) -> list[str]:
     return sorted(phrases)
 
 
-def phrase_pattern(phrases: list[str]) -> re.Pattern:
-    """A regex that finds, at each position of a text, the longest of `phrases` starting there.
+# A word (letters and digits, with inner apostrophes: "let's") or one punctuation mark ("," "?" "#").
+WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
-    Case-insensitive; whole words only (no letter or digit may touch a phrase that begins or ends
-    with one); any whitespace between words; ' or ’ for an apostrophe. The match is inside a
-    lookahead, so phrases that overlap each other are all found.
+
+def words_of(text: str) -> list[tuple[str, int, int]]:
+    """The words of a text as (lowercased word with ' for ’, start, end) character spans."""
+    return [(match.group().lower().replace("’", "'"), match.start(), match.end()) for match in WORD.finditer(text)]
+
+
+def index_phrases(phrases: list[str]) -> dict[str, list[tuple[tuple[str, ...], str]]]:
+    """The phrases by their first word, longest first: {word: [(the phrase's words, the phrase)]}.
+
+    Matching goes word by word, so it is case-insensitive, whole words only ("so" is not found
+    in "also"), blind to the whitespace between words, and reads ’ as '.
     """
-    def regex(phrase):
-        body = r"\s+".join(re.escape(word) for word in phrase.split()).replace("'", "['’]")
-        return (r"(?<!\w)" if phrase[0].isalnum() else "") + body + (r"(?!\w)" if phrase[-1].isalnum() else "")
-    longest_first = sorted(phrases, key=len, reverse=True)
-    return re.compile("(?=(" + "|".join(regex(phrase) for phrase in longest_first) + "))", re.IGNORECASE)
+    index = {}
+    for phrase in sorted(phrases, key=lambda phrase: (-len(words_of(phrase)), phrase)):
+        words = tuple(word for word, _, _ in words_of(phrase))
+        index.setdefault(words[0], []).append((words, phrase))
+    return index
 
 
-def find_phrases(texts: list[str], pattern: re.Pattern) -> tuple[list[list[tuple[int, int]]], Counter]:
+def find_phrases(texts: list[str], index: dict) -> tuple[list[list[tuple[int, int]]], Counter]:
     """The (start, end) of every phrase occurrence in each text, and the count of each phrase over all texts.
 
-    The spans keep overlaps (every character a phrase covers is found). The counts do not: they take
-    the leftmost, longest phrase and go on after it, so "but wait" is one use of "but wait" and not
-    also one of "wait". Counts are keyed by the phrase as written in the list (lowercase, one space).
+    At each word the longest phrase starting there is found, overlaps included (every character a
+    phrase covers is found). The counts skip overlaps: the leftmost, longest phrase is counted and
+    the next count starts after it, so "but wait" is one use of "but wait" and not also one of "wait".
     """
     spans, counts = [], Counter()
     for text in texts:
-        spans.append([match.span(1) for match in pattern.finditer(text)])
-        end = 0
-        for start, stop in spans[-1]:
-            if start >= end:
-                counts[" ".join(text[start:stop].lower().replace("’", "'").split())] += 1
-                end = stop
+        words, found, counted_to = words_of(text), [], 0
+        lowered = tuple(word for word, _, _ in words)
+        for position, (word, start, _) in enumerate(words):
+            for phrase_words, phrase in index.get(word, ()):
+                if lowered[position:position + len(phrase_words)] == phrase_words:
+                    found.append((start, words[position + len(phrase_words) - 1][2]))
+                    if start >= counted_to:
+                        counts[phrase] += 1
+                        counted_to = found[-1][1]
+                    break
+        spans.append(found)
     return spans, counts
 
 
@@ -116,11 +129,11 @@ def tokens_covering(token_ends: list[list[int]], char_spans: list[list[tuple[int
 
 
 def phrase_token_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                      pattern: re.Pattern) -> tuple[torch.Tensor, Counter]:
-    """[B, C] float, 1 on the sampled tokens that write a phrase of `pattern`, on the device of
-    `completion_ids`; and the count of each phrase over the batch (see find_phrases)."""
+                      index: dict) -> tuple[torch.Tensor, Counter]:
+    """[B, C] float, 1 on the sampled tokens that write a phrase of `index` (see index_phrases), on
+    the device of `completion_ids`; and the count of each phrase over the batch (see find_phrases)."""
     texts, token_ends = response_token_spans(tokenizer, completion_ids, completion_mask)
-    spans, counts = find_phrases(texts, pattern)
+    spans, counts = find_phrases(texts, index)
     return tokens_covering(token_ends, spans, completion_ids.shape[1]).to(completion_ids.device), counts
 
 

@@ -5,6 +5,7 @@ runs on the tiny model and on the real test model.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import grpo
 import hicra
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_tokenizer
-from common.phrases import load_phrases, phrase_pattern, phrase_token_mask
+from common.phrases import index_phrases, load_phrases, phrase_token_mask
 from grpo_runs import read_metrics, run_trainer
 from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
@@ -23,7 +24,7 @@ PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine
 SPEC = 1e-6  # the spec's vectors are given to 6 decimals
 SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "8",
              "--max-new-tokens", "64", "--eval-every", "0"]
-ARITHMETIC_GRAMS = phrase_pattern(load_phrases(hicra.Path(hicra.__file__).parent / "data" / "arithmetic_strategic_grams.txt", "-"))
+ARITHMETIC_GRAMS = index_phrases(load_phrases(Path(hicra.__file__).parent / "data" / "arithmetic_strategic_grams.txt", "-"))
 
 
 @st.composite

@@ -13,7 +13,7 @@ from common import UsageError
 from common.arithmetic import PLANNING_WORDS, demonstration, train_problem
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_tokenizer
-from common.phrases import (NgramDocumentFrequency, find_phrases, load_phrases, phrase_pattern, phrase_token_mask,
+from common.phrases import (NgramDocumentFrequency, find_phrases, index_phrases, load_phrases, phrase_token_mask,
                             response_token_spans, tokens_covering)
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # the phrase lists shipped with the project
@@ -44,9 +44,9 @@ def encode(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def marked_text(tokenizer, ids, mask, pattern):
+def marked_text(tokenizer, ids, mask, phrases):
     """The decoded text of each run of marked tokens, per row."""
-    marked, _ = phrase_token_mask(tokenizer, ids, mask, pattern)
+    marked, _ = phrase_token_mask(tokenizer, ids, mask, phrases)
     runs = []
     for row in range(ids.shape[0]):
         flags = marked[row].tolist()
@@ -80,7 +80,7 @@ def test_a_non_canonical_split_is_mapped_by_the_sampled_ids(tokenizer):
     # A model may sample "wa" "it" where the tokenizer would write one token: the mask must follow the ids.
     sampled = encode(tokenizer, "ok ") + encode(tokenizer, "wa") + encode(tokenizer, "it") + encode(tokenizer, ", 5")
     ids, mask = completions(tokenizer, [sampled])
-    marked, counts = phrase_token_mask(tokenizer, ids, mask, phrase_pattern(["wait"]))
+    marked, counts = phrase_token_mask(tokenizer, ids, mask, index_phrases(["wait"]))
     first = len(encode(tokenizer, "ok "))
     last = first + len(encode(tokenizer, "wa")) + len(encode(tokenizer, "it"))
     assert marked[0].nonzero().flatten().tolist() == list(range(first, last))
@@ -95,23 +95,24 @@ def test_a_non_canonical_split_is_mapped_by_the_sampled_ids(tokenizer):
     # Any whitespace between words, either apostrophe; overlapping phrases are all found, but a
     # use of "but wait" is not also counted as a use of "wait".
     ("But   wait,\nlet’s go", [(0, 10), (6, 10), (12, 17)], {"but wait": 1, "let's": 1}),
-    ("hmm, hmm", [(0, 4)], {"hmm,": 1}),  # a phrase ending in punctuation needs no word boundary after it
+    ("hmm, hmm", [(0, 4)], {"hmm,": 1}),  # punctuation is a word of its own
+    ("## Step 2: Is there a simpler way?", [(0, 7), (11, 34)], {"## step": 1, "is there a simpler way?": 1}),
 ])
 def test_matching_is_case_insensitive_on_whole_words(text, spans, counts):
-    pattern = phrase_pattern(["wait", "but wait", "so", "let's", "hmm,"])
-    assert find_phrases([text], pattern) == ([spans], counts)
+    phrases = index_phrases(["wait", "but wait", "so", "let's", "hmm,", "## step", "is there a simpler way?"])
+    assert find_phrases([text], phrases) == ([spans], counts)
 
 
 def test_tokens_partly_covered_count_and_eos_and_padding_never_do(tokenizer):
     texts = ["Wait, the sum is 5. wait", " wait, and wait", "nothing here"]
     ids, mask = completions(tokenizer, [encode(tokenizer, text) for text in texts])
-    marked, counts = phrase_token_mask(tokenizer, ids, mask, phrase_pattern(["wait"]))
+    marked, counts = phrase_token_mask(tokenizer, ids, mask, index_phrases(["wait"]))
     assert marked.shape == ids.shape and marked.dtype == torch.float
     assert (marked <= mask).all(), "only response tokens can be planning tokens"
     lengths = mask.sum(dim=1)
     assert (marked[torch.arange(3), lengths - 1] == 0).all(), "the EOS token is never a planning token"
     assert counts == {"wait": 4}
-    runs = marked_text(tokenizer, ids, mask, phrase_pattern(["wait"]))
+    runs = marked_text(tokenizer, ids, mask, index_phrases(["wait"]))
     # Every run of marked tokens writes "wait", with at most the space or comma a token carries along.
     assert [[run.strip(" ,") for run in row] for row in runs] == [["Wait", "wait"], ["wait", "wait"], []]
     assert all(re.fullmatch(r" ?wait,?", run, re.IGNORECASE) for row in runs for run in row)
@@ -122,8 +123,8 @@ def test_on_the_builtin_task_exactly_the_planning_words_are_tagged(tokenizer):
     texts = [demonstration(train_problem(1, index), rng) for index in range(200)]
     assert {"wait", "check"} <= {word for text in texts for word in text.split()}, "some demonstrations must self-correct"
     ids, mask = completions(tokenizer, [encode(tokenizer, text) for text in texts])
-    pattern = phrase_pattern(load_phrases(DATA / "arithmetic_strategic_grams.txt", "--strategic-grams"))
-    runs = marked_text(tokenizer, ids, mask, pattern)
+    grams = index_phrases(load_phrases(DATA / "arithmetic_strategic_grams.txt", "--strategic-grams"))
+    runs = marked_text(tokenizer, ids, mask, grams)
     one_token_per_byte = len(tokenizer) < 300
     for text, row in zip(texts, runs):
         expected = [word for word in re.findall(r"[a-z]+", text) if word in PLANNING_WORDS]
@@ -133,8 +134,8 @@ def test_on_the_builtin_task_exactly_the_planning_words_are_tagged(tokenizer):
 
 def test_the_papers_list_tags_only_wait_on_the_builtin_task(tiny_tokenizer):
     # Why the built-in task has a list of its own: of its four planning words the paper's list knows one.
-    pattern = phrase_pattern(load_phrases(DATA / "hicra_strategic_grams.txt", "--strategic-grams"))
-    _, counts = find_phrases(["first 44-21=22\n\nwait 44-21=23\n\nthen 23+62=85\n\ncheck 23+62=85\n\n\\boxed{85}"], pattern)
+    grams = index_phrases(load_phrases(DATA / "hicra_strategic_grams.txt", "--strategic-grams"))
+    _, counts = find_phrases(["first 44-21=22\n\nwait 44-21=23\n\nthen 23+62=85\n\ncheck 23+62=85\n\n\\boxed{85}"], grams)
     assert counts == {"wait": 1}
 
 
