@@ -37,8 +37,9 @@ def load_phrases(path, flag: str) -> list[str]:
     return sorted(phrases)
 
 
-# A word (letters and digits, with inner apostrophes: "let's") or one punctuation mark ("," "?" "#").
-WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+# A word: a run of letters and digits, or one other character that is not a space ("let's" is
+# "let" "'" "s", so the paper's "now let" is found in "now let's").
+WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def words_of(text: str) -> list[tuple[str, int, int]]:
