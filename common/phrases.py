@@ -96,7 +96,7 @@ def response_token_spans(tokenizer, completion_ids: torch.Tensor, completion_mas
     The text is the pieces joined, equal to decoding the ids without clean-up of spaces.
     """
     rows = [ids[:length] for ids, length in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())]
-    windows = [row[max(0, t - window):t + stop] for row in rows for t in range(len(row)) for stop in (0, 1)]
+    windows = [row[t - window if t > window else 0:t + stop] for row in rows for t in range(len(row)) for stop in (0, 1)]
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the same decoding, without transformers' per-call overhead
     decoded = iter(backend.decode_batch(windows, skip_special_tokens=True) if backend is not None else
                    tokenizer.batch_decode(windows, skip_special_tokens=True, clean_up_tokenization_spaces=False))
@@ -105,8 +105,10 @@ def response_token_spans(tokenizer, completion_ids: torch.Tensor, completion_mas
         pieces, ends = [], []
         for _ in row:
             before, after = next(decoded), next(decoded)
-            # U+FFFD at the end: a character this token starts but does not finish (the next token adds it).
-            pieces.append(after[len(os.path.commonprefix([before, after])):].rstrip("\ufffd"))
+            # Not a prefix when `before` ends in U+FFFD, a character this token finishes; a U+FFFD at the
+            # end of `after` is a character this token starts but does not finish (the next one adds it).
+            common = len(before) if after.startswith(before) else len(os.path.commonprefix([before, after]))
+            pieces.append(after[common:].rstrip("\ufffd"))
             ends.append((ends[-1] if ends else 0) + len(pieces[-1]))
         texts.append("".join(pieces))
         token_ends.append(ends)
