@@ -364,8 +364,10 @@ def main(argv=None):
 
     run_log.close()
     if history:  # empty when resuming a run that had already finished
+        # ALGO LOGIC: the end-of-run summary; a method adds its own lines with method_lines={label: text}.
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
                       args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
+        # ALGO LOGIC END
 
 
 if __name__ == "__main__":
