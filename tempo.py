@@ -5,8 +5,8 @@ Docs: README.md (the TEMPO section). This is grpo.py with TEMPO's changes, marke
 of the prefix tree's value at the token, so credit lands where good and bad responses parted.
 
     python tempo.py                   # tiny built-in model + arithmetic task, CPU, about 4 minutes
-    python tempo.py --model Qwen3-1.7B --dataset ../shared/data/gsm8k_train.jsonl \\
-        --eval-dataset ../shared/data/gsm8k_test.jsonl --group-size 7 --learning-rate 1e-6 --clip-eps-high 0.28
+    python tempo.py --model Qwen3-1.7B --group-size 7 --learning-rate 1e-6 --clip-eps-high 0.28 \\
+        --dataset ../shared/data/gsm8k_train.jsonl --eval-dataset gsm8k --max-new-tokens 1024
 """
 
 import random
