@@ -127,8 +127,9 @@ def tempo_advantages(rewards: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     std of one value) and float32 noise up to about 0.06 there.
 
     Returns the advantages, the TD term alone and the branch tokens (emitted at a node with two or
-    more children, counting a response that ends there). Work is O(G^2 T), vectorised: each
-    response is compared once with each other one, position by position ([P, G, G, T] booleans).
+    more children, counting a response that ends there). Work is O(G^2 T), linear in a group's
+    tokens for a given G, and vectorised: each response is compared once with each other one,
+    position by position ([P, G, G, T] booleans), instead of a Python loop over tokens.
     """
     num_prompts, group_size, length = ids.shape
     real = mask.bool()
