@@ -429,16 +429,15 @@ def main(argv=None):
 
     run_log.close()
     if history:  # empty when resuming a run that had already finished
-        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
-    # ALGO LOGIC: TEMPO's tree statistics under the summary, averaged over the run's steps.
-    if history:
+        # ALGO LOGIC: the end-of-run summary, with TEMPO's tree statistics averaged over the run's steps.
         depths = [m["first_branch_depth"] for m in history if m["first_branch_depth"] is not None]
-        print(f"  {'branch tokens':<26} {100 * sum(m['branch_token_fraction'] for m in history) / len(history):.1f}% "
-              f"of response tokens; a group's first branch at depth {sum(depths) / max(len(depths), 1):.1f} tokens")
-        print(f"  {'TD term':<26} {100 * sum(m['td_mass_share'] for m in history) / len(history):.1f}% of the advantages' "
-              f"absolute mass")
-    # ALGO LOGIC END
+        tree_lines = {"branch tokens": f"{100 * sum(m['branch_token_fraction'] for m in history) / len(history):.1f}% of "
+                                       f"response tokens; a group's first branch at depth {sum(depths) / max(len(depths), 1):.1f} tokens",
+                      "TD term": f"{100 * sum(m['td_mass_share'] for m in history) / len(history):.1f}% of the advantages' absolute mass"}
+        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
+                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
+                      tree_lines)
+        # ALGO LOGIC END
 
 
 if __name__ == "__main__":
