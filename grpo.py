@@ -269,7 +269,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             totals = {key: totals[key] + stats[key] for key in totals}
-    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free for the rollouts until the next update
+    policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
@@ -355,8 +355,8 @@ def main(argv=None):
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
                  "mask": mask, "advantages": advantages}
         if args.tis_cap is not None:  # correct for the sampler not being exactly the policy (one more forward pass)
-            batch["advantages"] = advantages * truncated_importance_weights(frozen_logprobs(policy, batch, args),
-                                                                            rollout.logprobs, args.tis_cap)
+            batch["advantages"] = batch["advantages"] * truncated_importance_weights(
+                frozen_logprobs(policy, batch, args), rollout.logprobs, args.tis_cap)
         update, old_logp = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
         train_time = time.time() - train_start
         update |= engine.check_and_sync(rollout, old_logp)  # stops the run if vLLM did not sample from the policy

@@ -36,7 +36,8 @@ from common.arithmetic import train_problem  # noqa: E402
 from common.build_tiny import build_tokenizer  # noqa: E402
 from common.data import render_prompt  # noqa: E402
 from common.model import load_model, load_tokenizer  # noqa: E402
-from common.rollout import generate  # noqa: E402
+from common.rollout import generate, sampler_mismatch  # noqa: E402
+from grpo import completion_logprobs  # noqa: E402
 
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 16, 8, 96
 
@@ -59,29 +60,36 @@ def model_folder(name: str, scratch: Path) -> str:
     return str(scratch / "18m")
 
 
-def trainer_logprobs(policy, rollout, micro_batch: int = 32) -> torch.Tensor:
-    """The trainer's log-probs [B, C] of the rollout's completions, as grpo.py computes them."""
-    from grpo import completion_logprobs
+def micro_batches(rollout, size: int = 16):
+    """(input_ids, attention_mask, completion mask) of the rollout, `size` sequences at a time."""
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    return torch.cat([completion_logprobs(policy, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
-                                          rollout.completion_ids.shape[1], 1.0)[0]
-                      for i in range(0, input_ids.shape[0], micro_batch)])
+    for start in range(0, input_ids.shape[0], size):
+        yield (input_ids[start:start + size], attention_mask[start:start + size],
+               rollout.completion_mask[start:start + size])
+
+
+@torch.no_grad()
+def trainer_logprobs(policy, rollout) -> torch.Tensor:
+    """The trainer's log-probs [B, C] of the rollout's completions, as grpo.py computes them."""
+    return torch.cat([completion_logprobs(policy, ids, attention, mask.shape[1], 1.0)[0]
+                      for ids, attention, mask in micro_batches(rollout)])
 
 
 def adamw_step(policy, rollout, learning_rate: float):
     """One AdamW step raising the log-probs of the sampled tokens (Adam's first step moves every
     weight by about the learning rate, whatever the loss)."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
-    mask = rollout.completion_mask
-    (-(trainer_logprobs(policy, rollout) * mask).sum() / mask.sum()).backward()
+    tokens = rollout.completion_mask.sum()
+    for ids, attention, mask in micro_batches(rollout):
+        (-(completion_logprobs(policy, ids, attention, mask.shape[1], 1.0)[0] * mask).sum() / tokens).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def measure(model: str, dtype: str, repeats: int) -> dict:
     """Everything for one model and dtype, in this process."""
-    from common.vllm_engine import VLLMEngine, sampler_mismatch
+    from common.vllm_engine import VLLMEngine  # here: the parent process never imports vLLM
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_folder(model, Path(scratch))
         policy, tokenizer = load_model(folder, "cpu", dtype), load_tokenizer(folder)
@@ -111,9 +119,8 @@ def measure(model: str, dtype: str, repeats: int) -> dict:
 
         def mismatch() -> float:
             rollout = engine.generate(batch, MAX_NEW_TOKENS)
-            with torch.no_grad():
-                trainer = trainer_logprobs(policy, rollout)
-            return sampler_mismatch(trainer, rollout.logprobs, rollout.completion_mask)["sampler_logp_diff"]
+            return sampler_mismatch(trainer_logprobs(policy, rollout), rollout.logprobs,
+                                    rollout.completion_mask)["sampler_logp_diff"]
 
         result["diff_synced"] = mismatch()
         rollout = engine.generate(batch, MAX_NEW_TOKENS)
