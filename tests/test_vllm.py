@@ -121,6 +121,42 @@ def test_vllm_logprobs_equal_the_trainers_before_and_after_five_updates(vllm_eng
         engine.sync()
 
 
+def test_sleep_mode_wakes_with_a_full_sync(vllm_engine):
+    """The sleep-mode sequence a GPU run goes through, on vLLM's CPU build, which passes through
+    the same sleeping and waking states but keeps its memory: here the weights are overwritten with
+    noise during each sleep, as level 2 discards them on a GPU, and every wake-up must restore them."""
+    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
+    engine = vllm_engine(policy, tokenizer, "tiny", max_model_len=200, **ENGINE_OPTIONS)
+    engine.sleep_mode = True  # what CUDA gets by default (the CPU build refuses enable_sleep_mode)
+    prompts = prompts_of(tokenizer, group_size=4)
+
+    def sleep_and_lose_the_weights():
+        assert engine.asleep and engine.llm.llm_engine.is_sleeping()
+        noise = [(name, torch.randn_like(tensor)) for name, tensor in policy.named_parameters(remove_duplicate=False)]
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": noise, "is_checkpoint_format": True})
+
+    engine.generate(prompts, 32)
+    sleep_and_lose_the_weights()
+    greedy = engine.generate(prompts_of(tokenizer), 32, greedy=True)  # evaluation, no update since: wake and sync
+    assert greedy.texts == generate(policy, tokenizer, prompts_of(tokenizer), 32, greedy=True).texts
+    sleep_and_lose_the_weights()
+    rollout = engine.generate(prompts, 32)  # a rollout while asleep: woken and synced first
+    mask = rollout.completion_mask.bool()
+    with torch.no_grad():
+        old_logp = trainer_logprobs(policy, rollout, 1.0)
+    assert (old_logp - rollout.logprobs)[mask].abs().max() < 1e-4
+    sleep_and_lose_the_weights()
+    with torch.no_grad():
+        for parameter in policy.parameters():  # an update while vLLM sleeps
+            parameter.add_(1e-3 * torch.randn_like(parameter))
+    metrics = engine.check_and_sync(rollout, old_logp)
+    assert not engine.asleep and not engine.llm.llm_engine.is_sleeping() and metrics["sampler_logp_diff"] < 1e-6
+    after = engine.generate(prompts, 32)
+    with torch.no_grad():
+        new_logp = trainer_logprobs(policy, after, 1.0)
+    assert (new_logp - after.logprobs)[after.completion_mask.bool()].abs().max() < 1e-4
+
+
 def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
     """Every sync after start-up skipped, as a broken sleep-mode path would: the check at the next
     batch stops the run, before that step is logged."""
