@@ -23,7 +23,7 @@ from common.cli import parse_args
 from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
 from common.evaluation import Evaluator, eval_run_name
 from common.model import default_device, load_model, load_tokenizer
-from common.rollout import check_prompts_fit, generate
+from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
 from common.verify import score_batch
@@ -77,6 +77,11 @@ class Args:
     dtype: str | None = field(default=None, metadata={"help": "weights' dtype (default: bf16 on GPU, fp32 on CPU)", "choices": ("float32", "bfloat16", "float16")})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
+    rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of the GPU vLLM holds while it samples: its weights, activations and KV cache"})
+    vllm_sleep_mode: bool | None = field(default=None, metadata={"help": "vLLM frees its GPU memory while the trainer trains, and is re-synced on waking (default: on with CUDA)"})
+    sync_check_threshold: float | None = field(default=None, metadata={"help": "stop when vLLM's log-probs differ from the trainer's by more, in nats per token (default: 1e-3 in float32, 0.2 in bfloat16)"})
+    tis_cap: float | None = field(default=None, metadata={"help": "C: weigh each token by min(pi_trainer / pi_vllm, C), truncated importance sampling (TRL: 2-3; default: off, as verl)"})
     track: bool = field(default=False, metadata={"help": "also send every metrics line to an experiment tracker"})
     tracker: str = field(default="trackio", metadata={"help": "trackio (local, offline) or wandb", "choices": TRACKERS})
     track_project: str = field(default="cleancredit", metadata={"help": "the tracker's project; the run is named after the run folder"})
@@ -291,10 +296,11 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
 
 
 def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
-    """num_epochs passes over the batch, num_minibatches optimizer steps each. Returns step metrics.
+    """num_epochs passes over the batch, num_minibatches optimizer steps each.
 
     `batch`: input_ids and attention_mask [B, P + C] (prompt and completion), mask and advantages
-    [B, C] (completion tokens only).
+    [B, C] (completion tokens only). Returns the step metrics and pi_old [B, C], the log-probs
+    before the update (NaN on sequences left out), against which the rollout engine is checked.
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
@@ -316,12 +322,13 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             totals = {key: totals[key] + stats[key] for key in totals}
+    policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
             "clip_fraction": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens if totals["tokens"] else None,
-            "skipped_sequences": size - len(trained)}
+            "skipped_sequences": size - len(trained)}, old_logp
 
 
 def main(argv=None):
@@ -346,15 +353,20 @@ def main(argv=None):
         # Every prompt this run will render, training and held-out, must leave room for a full response.
         training = {} if args.eval_only else {args.dataset: train_stream.problems or [
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
-        check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
+        longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
         ref_model = None
         if args.kl_coef > 0:  # the reference is the starting model, frozen
             ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)
-        evaluate = Evaluator(tokenizer, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
+        engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
+                                     batch_size=args.num_prompts * args.group_size, seed=args.seed,
+                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
+                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None,
+                                     trust_remote_code=args.trust_remote_code)
+        evaluate = Evaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                              args.eval_samples, args.temperature)
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
-            return evaluate.run_only(policy, RunLog(run_dir, args, None, tracker, args.track_project), args.model)
+            return evaluate.run_only(RunLog(run_dir, args, None, tracker, args.track_project), args.model)
 
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
@@ -367,7 +379,7 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate(policy)
+    eval_results = evaluate()
     eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
     print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
     batch_size = args.num_prompts * args.group_size
@@ -377,8 +389,8 @@ def main(argv=None):
         step_start = time.time()
         problems = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
         prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
-        rollout = generate(policy, tokenizer, [prompt for prompt in prompts for _ in range(args.group_size)],
-                           args.max_new_tokens, args.temperature)
+        rollout = engine.generate([prompt for prompt in prompts for _ in range(args.group_size)],
+                                  args.max_new_tokens, args.temperature)
         generate_time = time.time() - step_start
 
         score_start = time.time()
@@ -404,14 +416,18 @@ def main(argv=None):
         batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
                  "mask": mask, "advantages": advantages}
-        update = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+        if args.tis_cap is not None:  # correct for the sampler not being exactly the policy (one more forward pass)
+            batch["advantages"] = batch["advantages"] * truncated_importance_weights(
+                frozen_logprobs(policy, batch, args), rollout.logprobs, args.tis_cap)
+        update, old_logp = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
         train_time = time.time() - train_start
+        update |= engine.check_and_sync(rollout, old_logp)  # stops the run if vLLM did not sample from the policy
 
         completion_tokens = rollout.completion_mask.sum().item()
         step_time = time.time() - step_start
         evaluated = (args.eval_every and step % args.eval_every == 0) or step == args.total_steps
         if evaluated:
-            eval_results = evaluate(policy)
+            eval_results = evaluate()
             eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
                    "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
