@@ -42,17 +42,17 @@ class Args:
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})
-    total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)"})
-    num_prompts: int = field(default=16, metadata={"help": "prompts per step"})
+    total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)", "min": 1})
+    num_prompts: int = field(default=16, metadata={"help": "prompts per step", "min": 1})
     group_size: int = field(default=8, metadata={"help": "G: sampled responses per prompt"})
-    max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens"})
+    max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)"})
-    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)", "min": 1})
+    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch", "min": 1})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)", "min": 1})
     scale_by_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (off: Dr.GRPO)"})
     advantage_eps: float = field(default=1e-6, metadata={"help": "added to the group std (verl 1e-6, TRL 1e-4)"})
     clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
@@ -63,8 +63,8 @@ class Args:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "how token losses are averaged (see aggregate_loss)", "choices": LOSS_AGGREGATIONS})
     shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute rewards within the batch"})
     eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
-    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)"})
-    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)"})
+    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)", "min": 0})
+    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)", "min": 0})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model on --eval-dataset, then exit"})
     eval_batch_size: int = field(default=250, metadata={"help": "prompts per evaluation generate call"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
@@ -165,18 +165,14 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
 
 # Plumbing: start-up checks, log-probs, the update. The rest is in common/.
 def check_args(args: Args):
-    """Fail at start-up, in one line, on arguments that cannot work."""
+    """Fail at start-up, in one line, on arguments that cannot work (the command line checked each
+    flag's allowed values and minimum already)."""
     batch_size = args.num_prompts * args.group_size
-    minibatch_size = batch_size // max(args.num_minibatches, 1)
+    minibatch_size = batch_size // args.num_minibatches
     problems = [
         (args.group_size < 2, f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
-        (args.num_prompts < 1 or args.total_steps < 1, "--num-prompts and --total-steps must be positive"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be positive (got {args.max_new_tokens})"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
-        (args.num_epochs < 1 or args.micro_batch_size < 1, "--num-epochs and --micro-batch-size must be positive"),
-        (args.eval_size < 0 or args.eval_samples < 0, "--eval-size and --eval-samples must be 0 or more"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches,
-         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
+        (batch_size % args.num_minibatches, f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
         (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
          f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of {minibatch_size} sequences"),
     ]
@@ -251,8 +247,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    has_signal = (batch["advantages"] != 0).any(dim=1)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero(has_signal).flatten().cpu()
+    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -292,23 +287,18 @@ def main(argv=None):
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
-        # Checkpointing trades about a third more compute for activations a 1.5B-7B model cannot hold
-        # otherwise; the CPU-sized default model needs no such trade.
-        gradient_checkpointing = device.startswith("cuda") if args.gradient_checkpointing is None else args.gradient_checkpointing
-        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, gradient_checkpointing)
+        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
         policy.train()
         # Every prompt this run will render, training and held-out, must leave room for a full response.
         training = {} if args.eval_only else {args.dataset: train_stream.problems or [
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
         longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
-        ref_model = None
-        if args.kl_coef > 0:  # the reference is the starting model, frozen
-            ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)
+        # The reference is the starting model, frozen; with no KL term it is not even loaded.
+        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False) if args.kl_coef > 0 else None
         engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
-                                     batch_size=args.num_prompts * args.group_size, seed=args.seed,
+                                     batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
-                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None,
-                                     trust_remote_code=args.trust_remote_code)
+                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
         evaluate = Evaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                              args.eval_samples, args.temperature)
         if args.eval_only:
