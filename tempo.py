@@ -334,9 +334,11 @@ def main(argv=None):
         device = args.device or default_device()
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
+        # ALGO LOGIC: the training problems and the held-out sets.
         train_stream = None if args.eval_only else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
         eval_sets = {name: load_eval_problems(name, args.eval_size, args.prompt_key, args.answer_key, args.data_dir)
                      for name in args.eval_dataset.split(",")}
+        # ALGO LOGIC END
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
@@ -352,8 +354,10 @@ def main(argv=None):
                                      batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
                                      check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
+        # ALGO LOGIC: held-out evaluation: greedy pass@1 (and mean@k, pass@k) by the verifier.
         evaluate = Evaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                              args.eval_samples, args.temperature)
+        # ALGO LOGIC END
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
             return evaluate.run_only(RunLog(run_dir, args, None, tracker, args.track_project), args.model)
@@ -377,6 +381,7 @@ def main(argv=None):
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
     for step in progress:
         step_start = time.time()
+        # ALGO LOGIC: sample G responses to each prompt, then score each with the verifier (reward 1 or 0).
         problems = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
         prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
         rollout = engine.generate([prompt for prompt in prompts for _ in range(args.group_size)],
@@ -387,6 +392,7 @@ def main(argv=None):
         answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
         rewards = torch.tensor(score_batch(rollout.texts, answers), device=device).view(args.num_prompts, args.group_size)
         score_time = time.time() - score_start
+        # ALGO LOGIC END
 
         train_start = time.time()
         mask = rollout.completion_mask.float()  # [B, C]: 1 on response tokens, up to and including EOS
@@ -421,7 +427,7 @@ def main(argv=None):
             eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
                    "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
-                   "response_length": completion_tokens / batch_size, "truncated_fraction": rollout.truncated.float().mean().item(),
+                   "response_length": completion_tokens / len(rollout.texts), "truncated_fraction": rollout.truncated.float().mean().item(),
                    "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
                    "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}
         # ALGO LOGIC: TEMPO's tree statistics beside GRPO's metrics.

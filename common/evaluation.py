@@ -27,7 +27,7 @@ class Evaluator:
         self.max_new_tokens, self.batch_size, self.samples, self.temperature = max_new_tokens, batch_size, samples, temperature
 
     def evaluate(self, problems: list[dict]) -> dict:
-        """{"pass@1": ..., and with samples k: "mean@k", "pass@k"} of the policy on `problems`."""
+        """{"pass@1": ..., and with samples k: "mean@k", "pass@k" (k > 1)} of the policy on `problems`."""
         greedy_correct, sampled_correct = [], []
         k = self.samples
         for start in range(0, len(problems), self.batch_size):
@@ -43,7 +43,8 @@ class Evaluator:
         if k:
             correct = torch.tensor(sampled_correct)  # [problems, k]
             results[f"mean@{k}"] = correct.mean().item()
-            results[f"pass@{k}"] = correct.max(dim=1).values.mean().item()
+            if k > 1:  # a sampled pass@1 is mean@1; "pass@1" stays the greedy one
+                results[f"pass@{k}"] = correct.max(dim=1).values.mean().item()
         return results
 
     def __call__(self) -> dict:
