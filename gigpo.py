@@ -55,7 +55,7 @@ class Args:
     answer_key: str | None = field(default=None, metadata={"help": "not used: agent tasks have no fields to name (an error if set)"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template (agent prompts need a chat model)", "choices": ("chat",)})
     total_steps: int = field(default=60, metadata={"help": "policy update steps (one batch of episodes each)"})
-    num_prompts: int = field(default=8, metadata={"help": "tasks per step (each played G times from the same start)"})
+    num_prompts: int = field(default=4, metadata={"help": "tasks per step (each played G times from the same start)"})
     group_size: int = field(default=8, metadata={"help": "G: episodes per task (paper: 8)"})
     max_new_tokens: int = field(default=16, metadata={"help": "longest response of one turn, in tokens (papers: 512 with <think>)"})
     max_turns: int = field(default=12, metadata={"help": "turns before an episode is cut off (ALFWorld runs: 50)"})

@@ -8,9 +8,7 @@ and a 0.8M-parameter Qwen2 model warm-started by imitating the environment's noi
 turn, in exactly the prompts a trainer shows (task, commands, the last `--history-length`
 (observation, action) pairs, the observation; answer `<action>...</action>`). The expert's
 habit of walking to the locked door before it has the key is imitated with the rest, so greedy
-play fails on many layouts and reinforcement learning has something to fix. The tokenizer merges
-across spaces, so a whole turn prompt is a few dozen tokens and an action about two: that keeps
-every episode of the default run cheap. Nothing is downloaded; everything is seeded and
+play fails on many layouts and reinforcement learning has something to fix. Nothing is downloaded; everything is seeded and
 single-threaded, so the same torch and tokenizers versions rebuild the same files.
 """
 
@@ -21,15 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from common import build_tiny
 from common.build_tiny import CHATML_TEMPLATE, build_model
 from common.data import render_prompt
 from common.envs import KEYDOOR, EpisodeEvaluator, agent_prompt, describe_task
 from common.keydoor import KeyDoorEnv, expert_action, train_seed
-from common.model import TINY_AGENT_MODEL_DIR
+from common.model import TINY_AGENT_MODEL_DIR, load_tokenizer
 
 SFT_SEED = 0  # seed of the demonstration layouts, apart from the RL training seeds (1, 2, 3, ...)
 VALIDATION_SEED = -1
@@ -52,19 +51,25 @@ def expert_turns(seed: int, history_length: int, max_turns: int, rng: random.Ran
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes; the 256 bytes are in the vocabulary) trained on `texts`.
+    """Byte-level BPE (any text encodes) trained on `texts`, split into words as Qwen2's tokenizer does.
 
-    No splitting at spaces before merging, so frequent phrases ("The door is", "<action>go north")
-    become single tokens.
+    The same normaliser and word splitting as transformers' Qwen2Tokenizer, which is what
+    AutoTokenizer loads for a Qwen2 model folder, so the saved tokenizer reloads unchanged.
+    <action> and </action> are added tokens, as chat models add their tool-call tags.
     """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens(["<action>", "</action>"])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                      additional_special_tokens=["<|im_start|>"], padding_side="left")
+                                      unk_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
+                                      padding_side="left")
     wrapped.chat_template = CHATML_TEMPLATE
     return wrapped
 
@@ -94,7 +99,7 @@ def main():
     parser.add_argument("--episodes", type=int, default=20000, help="expert episodes to imitate")
     parser.add_argument("--history-length", type=int, default=2, help="(observation, action) pairs in each prompt")
     parser.add_argument("--max-turns", type=int, default=12, help="turns per episode")
-    parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary")
+    parser.add_argument("--vocab-size", type=int, default=400, help="tokenizer vocabulary (at most: every word of the environment fits)")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between validation evaluations")
     parser.add_argument("--validation-size", type=int, default=200, help="validation layouts (training stream, not held out)")
     args = parser.parse_args()
@@ -112,6 +117,10 @@ def main():
     tokenizer = build_tokenizer([text for prompt, response in samples[:5000]
                                  for text in (render_prompt(byte_tokenizer, prompt, "chat"), response)], args.vocab_size)
     model = build_model(tokenizer, max_position_embeddings=1024)
+    # Train and validate with the tokenizer as a trainer will load it from the saved folder.
+    model.config.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    tokenizer = load_tokenizer(str(args.out))
     print(f"{len(samples)} demonstration turns from {args.episodes} expert episodes; model "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)

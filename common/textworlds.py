@@ -12,7 +12,9 @@ Two things make a game's raw text a poor state key for GiGPO's step groups, so t
 - the observation is the reply to the last command, and many replies ("You are carrying nothing.",
   "That's not a verb I recognise.") are the same in every room, so keying on them merges states;
 - the score is cumulative, so the reward of a step is the change of the score.
-Games are deterministic: reset's seed is not used.
+The observations shown to the agent are the room description after a reset (the objective is
+the task line) and the game's replies without their status line. Games are deterministic:
+reset's seed is not used.
 """
 
 from common import UsageError
@@ -24,6 +26,16 @@ except ImportError:  # optional: only TextWorld tasks need it, and the error bel
     textworld = None
 
 _REGISTERED: dict[str, str] = {}  # game file -> gym id, so that a game is registered once per process
+
+
+def _compact(text: str) -> str:
+    """Text without blank lines, for shorter prompts."""
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _reply(observation: str) -> str:
+    """The game's reply without its status line ("> -= Kitchen =-0/4": room, score, move counter)."""
+    return _compact(observation.rsplit("\n>", 1)[0])
 
 
 class TextWorldEnv:
@@ -40,14 +52,14 @@ class TextWorldEnv:
         self.task, self.infos, self.score = "", {}, 0
 
     def reset(self, seed: int) -> str:
-        observation, self.infos = self.env.reset()
+        _, self.infos = self.env.reset()  # the raw text: a banner, the objective, the room
         self.task, self.score = self.infos["objective"].strip(), self.infos["score"]
-        return observation.strip()
+        return _compact(self.infos["description"])
 
     def step(self, action: str) -> tuple[str, float, bool, dict]:
         observation, score, done, self.infos = self.env.step(action)
         reward, self.score = score - self.score, score
-        return observation.strip(), float(reward), done, {"won": bool(self.infos["won"])}
+        return _reply(observation), float(reward), done, {"won": bool(self.infos["won"])}
 
     def anchor(self) -> str:
         return f"{self.infos['description'].strip()}\n{self.infos['inventory'].strip()}"

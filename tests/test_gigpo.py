@@ -3,6 +3,9 @@ the episode runner, and gigpo.py end to end on the tiny agent model and on the r
 
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from common.envs import (INVALID_ACTION, KEYDOOR, Turn, agent_prompt, describe_t
 from common.keydoor import (COMMANDS, WIN_REWARD, KeyDoorEnv, expert_action_probabilities, heldout_seeds,
                             layout_for_seed, train_seed)
 from common.rollout import Rollout
+import gigpo
 from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, step_groups
 from grpo_runs import read_metrics, run_trainer
 
@@ -260,3 +264,69 @@ def test_bad_settings_stop_at_start_up_in_one_line(tmp_path, flags, message):
     result = run_trainer("gigpo.py", *flags, "--runs-dir", str(tmp_path), timeout=120)
     assert result.returncode != 0 and message in result.stderr
     assert result.stderr.strip().startswith("gigpo.py: error:") and "Traceback" not in result.stderr
+
+
+def test_two_steps_on_the_real_model_in_the_built_in_environment(real_model_dir, tmp_path):
+    gigpo.main(["--model", str(real_model_dir), "--num-prompts", "2", "--group-size", "2", "--max-new-tokens", "16",
+                "--max-turns", "3", "--eval-size", "2", "--total-steps", "2", "--eval-every", "0",
+                "--learning-rate", "1e-5", "--kl-coef", "0.01", "--runs-dir", str(tmp_path)])
+    [run_dir] = tmp_path.iterdir()
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        # 4 episodes of 1-3 turns; with a KL term every turn is trained, beside the reference model.
+        assert 4 <= m["turns"] <= 12 and m["skipped_sequences"] == 0 and m["kl"] is not None and math.isfinite(m["loss"])
+        assert m["grouped_turn_fraction"] >= 4 / m["turns"]  # the 2 x 2 first turns share their task's start state
+    assert set(metrics[-1]["eval"]["keydoor"]) == {"pass@1", "return", "turns", "invalid_rate"}
+    assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
+
+
+# TextWorld: a real game, generated here offline.
+
+@pytest.fixture(scope="module")
+def coin_game(tmp_path_factory):
+    """Coin collector level 5, seed 1: the coin is south, east, north, north of the start."""
+    folder = tmp_path_factory.mktemp("games")
+    made = subprocess.run([str(Path(sys.executable).parent / "tw-make"), "tw-coin_collector", "--level", "5", "--seed", "1",
+                           "--output", str(folder / "coin5.z8"), "-f"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    return folder / "coin5.z8"
+
+
+COIN5_WALKTHROUGH = ["go south", "go east", "go north", "go north", "take coin"]
+
+
+def test_textworld_anchors_are_states_and_rewards_are_score_changes(coin_game):
+    from common.textworlds import TextWorldEnv
+
+    first, second = TextWorldEnv(str(coin_game)), TextWorldEnv(str(coin_game))
+    assert first.reset(0) == second.reset(0) and "coin" in first.task and first.anchor() == second.anchor()
+    start = first.anchor()
+    assert "go south" in first.admissible_actions()
+    # A wall and a look at the inventory change nothing: same state, same anchor, though the replies differ.
+    replies = [first.step("go west")[0], first.step("inventory")[0]]
+    assert first.anchor() == start and replies == ["You can't go that way.", "You are carrying nothing."]
+    assert all("0/" not in reply and ">" not in reply for reply in replies)  # no status line, no move counter
+    second.step("go south")
+    assert second.anchor() != start
+    rewards, done = [], False
+    for action in COIN5_WALKTHROUGH:
+        observation, reward, done, info = first.step(action)
+        rewards.append(reward)
+    assert rewards == [0, 0, 0, 0, 1] and done and info["won"]  # the cumulative score went 0 -> 1
+    first.close()
+    second.close()
+
+
+def test_one_gigpo_step_on_a_textworld_game(coin_game, tmp_path):
+    result = run_trainer("gigpo.py", "--dataset", str(coin_game.parent), "--eval-dataset", str(coin_game),
+                         "--num-prompts", "1", "--group-size", "4", "--max-turns", "4", "--history-length", "1",
+                         "--total-steps", "1", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = tmp_path.iterdir()
+    assert run_dir.name.startswith("games")
+    [metrics] = read_metrics(run_dir)
+    # The 4 episodes start in the same room, so at least their first turns share an anchor state.
+    assert 4 <= metrics["turns"] <= 16 and metrics["step_group_size"] > 1
+    assert metrics["grouped_turn_fraction"] >= 4 / metrics["turns"]
+    assert set(metrics["eval"]["coin5"]) == {"pass@1", "return", "turns", "invalid_rate"}
