@@ -61,14 +61,20 @@ def build_model(tokenizer, max_position_embeddings: int = 256) -> Qwen2ForCausal
 
 def supervised_batch(tokenizer, problems: list[dict], rng: random.Random):
     """Token ids, attention mask and labels (-100 on prompt and padding) for prompt + demonstration + EOS."""
-    prompts = [render_prompt(tokenizer, problem["question"], "chat") for problem in problems]
-    answers = [demonstration(problem, rng) + tokenizer.eos_token for problem in problems]
+    return demonstration_batch(tokenizer, [problem["question"] for problem in problems],
+                               [demonstration(problem, rng) for problem in problems])
+
+
+def demonstration_batch(tokenizer, questions: list[str], answers: list[str]):
+    """Token ids, attention mask and labels (-100 on prompt and padding) for chat prompt + answer + EOS."""
+    prompts = [render_prompt(tokenizer, question, "chat") for question in questions]
+    answers = [answer + tokenizer.eos_token for answer in answers]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
     answer_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers]
     length = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-    input_ids = torch.full((len(problems), length), tokenizer.pad_token_id)
-    labels = torch.full((len(problems), length), -100)
-    attention_mask = torch.zeros((len(problems), length), dtype=torch.long)
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id)
+    labels = torch.full((len(prompts), length), -100)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
         input_ids[row, :len(p) + len(a)] = torch.tensor(p + a)
         labels[row, len(p):len(p) + len(a)] = torch.tensor(a)

@@ -5,7 +5,7 @@
 The agent counterpart of `common/build_tiny.py`, for the built-in environment (common/keydoor.py):
 a byte-level BPE tokenizer trained on that environment's prompts, with a ChatML chat template,
 and a 0.8M-parameter Qwen2 model warm-started by imitating the environment's noisy expert, turn by
-turn, in exactly the prompts a trainer shows (task, commands, the last `--history-length`
+turn, in exactly the prompts a trainer shows (task, commands, the last HISTORY_LENGTH
 (observation, action) pairs, the observation; answer `<action>...</action>`). The expert's
 habit of walking to the locked door before it has the key is imitated with the rest, so greedy
 play fails on many layouts and reinforcement learning has something to fix. Nothing is downloaded; everything is seeded and
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from common import build_tiny
-from common.build_tiny import CHATML_TEMPLATE, build_model
+from common.build_tiny import CHATML_TEMPLATE, build_model, demonstration_batch
 from common.data import render_prompt
 from common.envs import KEYDOOR, EpisodeEvaluator, agent_prompt, describe_task
 from common.keydoor import KeyDoorEnv, expert_action, train_seed
@@ -33,6 +33,10 @@ from common.model import TINY_AGENT_MODEL_DIR, load_tokenizer
 SFT_SEED = 0  # seed of the demonstration layouts, apart from the RL training seeds (1, 2, 3, ...)
 VALIDATION_SEED = -1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 400  # more than the environment's prompts need: training stops when every word is one token
+HISTORY_LENGTH, MAX_TURNS = 2, 12  # gigpo.py's defaults: the prompts it will show
+BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS = 64, 2e-3, 20  # demonstration turns per step; AdamW, linear warm-up
+VALIDATION_SIZE, EVAL_EVERY = 200, 500  # validation layouts (training stream, never held out), every 500 steps
 
 
 def expert_turns(seed: int, history_length: int, max_turns: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -74,48 +78,23 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return wrapped
 
 
-def supervised_batch(tokenizer, samples: list[tuple[str, str]]):
-    """Token ids, attention mask and labels (-100 on prompt and padding) for prompt + response + EOS."""
-    prompt_ids = tokenizer([render_prompt(tokenizer, prompt, "chat") for prompt, _ in samples], add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer([response + tokenizer.eos_token for _, response in samples], add_special_tokens=False)["input_ids"]
-    length = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-    input_ids = torch.full((len(samples), length), tokenizer.pad_token_id)
-    labels = torch.full((len(samples), length), -100)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-        input_ids[row, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
-        attention_mask[row, :len(p) + len(a)] = 1
-    return input_ids, attention_mask, labels
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TINY_AGENT_MODEL_DIR, help="folder to write the model to")
-    parser.add_argument("--steps", type=int, default=1500, help="supervised steps")
-    parser.add_argument("--batch-size", type=int, default=64, help="demonstration turns per step")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up of the learning rate")
     parser.add_argument("--episodes", type=int, default=20000, help="expert episodes to imitate")
-    parser.add_argument("--history-length", type=int, default=2, help="(observation, action) pairs in each prompt")
-    parser.add_argument("--max-turns", type=int, default=12, help="turns per episode")
-    parser.add_argument("--vocab-size", type=int, default=400, help="tokenizer vocabulary (at most: every word of the environment fits)")
-    parser.add_argument("--eval-every", type=int, default=500, help="steps between validation evaluations")
-    parser.add_argument("--validation-size", type=int, default=200, help="validation layouts (training stream, not held out)")
+    parser.add_argument("--steps", type=int, default=1500, help="supervised steps")
     args = parser.parse_args()
 
-    # One thread: the sums inside each matrix product then run in a fixed order, so the weights
-    # come out bit for bit the same on every run.
-    torch.set_num_threads(1)
-    torch.manual_seed(SFT_SEED)
     rng = random.Random(SFT_SEED)
+    torch.manual_seed(SFT_SEED)
+    torch.set_num_threads(1)  # a fixed order of every sum, so the same weights on every rebuild
     samples = [turn for index in range(args.episodes)
-               for turn in expert_turns(train_seed(SFT_SEED, index), args.history_length, args.max_turns, rng)]
+               for turn in expert_turns(train_seed(SFT_SEED, index), HISTORY_LENGTH, MAX_TURNS, rng)]
     rng.shuffle(samples)
     # Trained on whole rendered prompts (ChatML markers included, rendered by the byte tokenizer).
     byte_tokenizer = build_tiny.build_tokenizer()
     tokenizer = build_tokenizer([text for prompt, response in samples[:5000]
-                                 for text in (render_prompt(byte_tokenizer, prompt, "chat"), response)], args.vocab_size)
+                                 for text in (render_prompt(byte_tokenizer, prompt, "chat"), response)], VOCAB_SIZE)
     model = build_model(tokenizer, max_position_embeddings=1024)
     # Train and validate with the tokenizer as a trainer will load it from the saved folder.
     model.config.save_pretrained(args.out)
@@ -123,22 +102,23 @@ def main():
     tokenizer = load_tokenizer(str(args.out))
     print(f"{len(samples)} demonstration turns from {args.episodes} expert episodes; model "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps))
-    validation = {"validation": [describe_task(KEYDOOR, train_seed(VALIDATION_SEED, i)) for i in range(args.validation_size)]}
-    evaluate = EpisodeEvaluator(tokenizer, validation, "chat", 16, 250, 1, 1.0, args.max_turns, args.history_length, 0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
+    validation = {"validation": [describe_task(KEYDOOR, train_seed(VALIDATION_SEED, i)) for i in range(VALIDATION_SIZE)]}
+    evaluate = EpisodeEvaluator(tokenizer, validation, "chat", 16, 250, 1, 1.0, MAX_TURNS, HISTORY_LENGTH, 0.1)
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        batch = samples[((step - 1) * args.batch_size) % len(samples):][:args.batch_size]
-        input_ids, attention_mask, labels = supervised_batch(tokenizer, batch)
+        batch = samples[((step - 1) * BATCH_SIZE) % len(samples):][:BATCH_SIZE]
+        input_ids, attention_mask, labels = demonstration_batch(tokenizer, [prompt for prompt, _ in batch],
+                                                                 [response for _, response in batch])
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % EVAL_EVERY == 0 or step == args.steps:
             results = evaluate(model)["validation"]
             print(f"step {step}: loss {loss.item():.4f}, validation success greedy {results['pass@1']:.3f}, "
                   f"sampled {results['mean@1']:.3f}, {time.time() - start:.0f}s")
