@@ -82,6 +82,17 @@ def demonstration_batch(tokenizer, questions: list[str], answers: list[str]):
     return input_ids, attention_mask, labels
 
 
+def supervised_step(model, optimizer, scheduler, input_ids, attention_mask, labels) -> torch.Tensor:
+    """One step of cross-entropy on the labelled tokens, gradients clipped to norm 1; returns the loss."""
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 def greedy_accuracy(model, tokenizer, problems: list[dict]) -> float:
     prompts = [render_prompt(tokenizer, problem["question"], "chat") for problem in problems]
     rollout = generate(model, tokenizer, prompts, max_new_tokens=96, greedy=True)
@@ -115,13 +126,7 @@ def main():
     model.train()
     for step in range(1, args.max_steps + 1):
         problems = [train_problem(SFT_SEED, (step - 1) * args.batch_size + i) for i in range(args.batch_size)]
-        input_ids, attention_mask, labels = supervised_batch(tokenizer, problems, demo_rng)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss = supervised_step(model, optimizer, scheduler, *supervised_batch(tokenizer, problems, demo_rng))
         if step % args.eval_every == 0:
             accuracy = greedy_accuracy(model, tokenizer, validation)
             print(f"step {step}: loss {loss.item():.4f}, validation greedy accuracy {accuracy:.3f}, {time.time() - start:.0f}s")

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from common import build_tiny
-from common.build_tiny import CHATML_TEMPLATE, build_model, demonstration_batch
+from common.build_tiny import CHATML_TEMPLATE, build_model, demonstration_batch, supervised_step
 from common.data import render_prompt
 from common.envs import KEYDOOR, EpisodeEvaluator, agent_prompt, describe_task
 from common.keydoor import KeyDoorEnv, expert_action, train_seed
@@ -110,14 +110,8 @@ def main():
     model.train()
     for step in range(1, args.steps + 1):
         batch = samples[((step - 1) * BATCH_SIZE) % len(samples):][:BATCH_SIZE]
-        input_ids, attention_mask, labels = demonstration_batch(tokenizer, [prompt for prompt, _ in batch],
-                                                                 [response for _, response in batch])
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss = supervised_step(model, optimizer, scheduler, *demonstration_batch(
+            tokenizer, [prompt for prompt, _ in batch], [response for _, response in batch]))
         if step % EVAL_EVERY == 0 or step == args.steps:
             results = evaluate(model)["validation"]
             print(f"step {step}: loss {loss.item():.4f}, validation success greedy {results['pass@1']:.3f}, "
