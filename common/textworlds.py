@@ -17,6 +17,8 @@ the task line) and the game's replies without their status line. Games are deter
 reset's seed is not used.
 """
 
+from pathlib import Path
+
 from common import UsageError
 
 try:
@@ -44,6 +46,8 @@ class TextWorldEnv:
     def __init__(self, game: str):
         if textworld is None:
             raise UsageError("TextWorld games need the textworld package: pip install -r requirements-textworld.txt")
+        if not Path(game).with_suffix(".json").is_file():  # the objective, score and win conditions are in it
+            raise UsageError(f"TextWorld game {game} needs {Path(game).with_suffix('.json').name} beside it, as tw-make writes it")
         if game not in _REGISTERED:
             requested = textworld.EnvInfos(admissible_commands=True, won=True, score=True, description=True,
                                            inventory=True, objective=True)

@@ -268,14 +268,14 @@ def test_bad_settings_stop_at_start_up_in_one_line(tmp_path, flags, message):
 
 def test_two_steps_on_the_real_model_in_the_built_in_environment(real_model_dir, tmp_path):
     gigpo.main(["--model", str(real_model_dir), "--num-prompts", "2", "--group-size", "2", "--max-new-tokens", "16",
-                "--max-turns", "3", "--eval-size", "2", "--total-steps", "2", "--eval-every", "0",
+                "--max-turns", "2", "--eval-size", "2", "--total-steps", "2", "--eval-every", "0",
                 "--learning-rate", "1e-5", "--kl-coef", "0.01", "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
-        # 4 episodes of 1-3 turns; with a KL term every turn is trained, beside the reference model.
-        assert 4 <= m["turns"] <= 12 and m["skipped_sequences"] == 0 and m["kl"] is not None and math.isfinite(m["loss"])
+        # 4 episodes of 1-2 turns; with a KL term every turn is trained, beside the reference model.
+        assert 4 <= m["turns"] <= 8 and m["skipped_sequences"] == 0 and m["kl"] is not None and math.isfinite(m["loss"])
         assert m["grouped_turn_fraction"] >= 4 / m["turns"]  # the 2 x 2 first turns share their task's start state
     assert set(metrics[-1]["eval"]["keydoor"]) == {"pass@1", "return", "turns", "invalid_rate"}
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
@@ -329,4 +329,4 @@ def test_one_gigpo_step_on_a_textworld_game(coin_game, tmp_path):
     # The 4 episodes start in the same room, so at least their first turns share an anchor state.
     assert 4 <= metrics["turns"] <= 16 and metrics["step_group_size"] > 1
     assert metrics["grouped_turn_fraction"] >= 4 / metrics["turns"]
-    assert set(metrics["eval"]["coin5"]) == {"pass@1", "return", "turns", "invalid_rate"}
+    assert set(metrics["eval"][str(coin_game)]) == {"pass@1", "return", "turns", "invalid_rate"}
