@@ -259,11 +259,13 @@ def test_short_run_learns_nothing_wrong_and_logs_the_agent_metrics(tmp_path):
     (["--similarity-threshold", "1.5"], "--similarity-threshold"),
     (["--dataset", "nowhere.z8"], "unknown environment"),
     (["--prompt-key", "q"], "prompt-key"),
+    (["--eval-dataset", "gsm8k"], "unknown environment"),
 ])
 def test_bad_settings_stop_at_start_up_in_one_line(tmp_path, flags, message):
-    result = run_trainer("gigpo.py", *flags, "--runs-dir", str(tmp_path), timeout=120)
-    assert result.returncode != 0 and message in result.stderr
-    assert result.stderr.strip().startswith("gigpo.py: error:") and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as stopped:
+        gigpo.main([*flags, "--runs-dir", str(tmp_path)])
+    assert str(stopped.value).startswith("gigpo.py: error:") and message in str(stopped.value)
+    assert "\n" not in str(stopped.value) and not any(tmp_path.iterdir())
 
 
 def test_two_steps_on_the_real_model_in_the_built_in_environment(real_model_dir, tmp_path):
