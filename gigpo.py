@@ -207,16 +207,16 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
     exactly: a turn joins the first group of its task whose first anchor has a
     difflib.SequenceMatcher ratio of at least the threshold with its own, else starts a group.
     """
-    ids, representatives = [], {}  # representatives: task -> [(anchor, group id)]
+    ids, groups_of_task = [], {}  # task -> [(its first anchor, group id)]
     for anchor, task in zip(anchors, task_ids):
-        groups = representatives.setdefault(task, [])
+        groups = groups_of_task.setdefault(task, [])
         if similarity_threshold is None:
             match = next((group for first, group in groups if first == anchor), None)
         else:
             match = next((group for first, group in groups
                           if difflib.SequenceMatcher(None, first, anchor).ratio() >= similarity_threshold), None)
         if match is None:
-            match = sum(len(task_groups) for task_groups in representatives.values())  # the next unused id
+            match = sum(map(len, groups_of_task.values()))  # a new group: the next unused id
             groups.append((anchor, match))
         ids.append(match)
     return torch.tensor(ids)
