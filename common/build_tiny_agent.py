@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 400  # more than the environment's prompts need: training stops when every word is one token
 HISTORY_LENGTH, MAX_TURNS = 2, 12  # gigpo.py's defaults: the prompts it will show
 BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS = 64, 2e-3, 20  # demonstration turns per step; AdamW, linear warm-up
-VALIDATION_SIZE, EVAL_EVERY = 200, 500  # validation layouts (training stream, never held out), every 500 steps
+VALIDATION_SIZE, EVAL_EVERY = 200, 750  # validation layouts (training stream, never held out), every 750 steps
 
 
 def expert_turns(seed: int, history_length: int, max_turns: int, rng: random.Random) -> list[tuple[str, str]]:

@@ -12,11 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import common.envs
 from common import UsageError
 from common.envs import (INVALID_ACTION, KEYDOOR, Turn, agent_prompt, describe_task, load_eval_tasks, parse_action,
                          run_episodes, stack_turns, TaskStream)
 from common.keydoor import (COMMANDS, WIN_REWARD, KeyDoorEnv, expert_action_probabilities, heldout_seeds,
                             layout_for_seed, train_seed)
+from common.model import load_model, load_tokenizer
 from common.rollout import Rollout
 import gigpo
 from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, step_groups
@@ -219,6 +221,23 @@ def test_an_invalid_action_keeps_the_state_and_costs_the_penalty():
     assert invalid.action is None and invalid.reward == -0.1 and not episodes[0].won
     assert valid.action == "go north" and valid.reward == 0.0
     assert invalid.anchor == valid.anchor == tasks[0]["question"].rsplit("Observation: ", 1)[1]
+
+
+def test_each_turn_is_one_generate_call_for_the_episodes_still_running(monkeypatch):
+    calls, real_generate = [], common.envs.generate
+
+    def counting_generate(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(common.envs, "generate", counting_generate)
+    model, tokenizer = load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent")
+    tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:3] for _ in range(2)]
+    torch.manual_seed(0)
+    episodes = run_episodes(model, tokenizer, tasks, "chat", 16, 8, 2, 0.1)
+    running = [sum(len(episode.turns) > turn for episode in episodes) for turn in range(8)]
+    assert calls == [count for count in running if count] and calls[0] == 6
+    assert all(episode.won == (episode.turns[-1].reward == WIN_REWARD) for episode in episodes)
 
 
 def test_stack_turns_pads_like_generate():
