@@ -257,5 +257,6 @@ class EpisodeEvaluator(Evaluator):
                                  temperature=self.temperature)
             won = torch.tensor([episode.won for episode in sampled], dtype=torch.float).view(-1, self.samples)
             results[f"mean@{self.samples}"] = won.mean().item()
-            results[f"pass@{self.samples}"] = won.max(dim=1).values.mean().item()
+            if self.samples > 1:  # pass@1 is the greedy success rate
+                results[f"pass@{self.samples}"] = won.max(dim=1).values.mean().item()
         return results
