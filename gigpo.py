@@ -59,7 +59,7 @@ class Args:
     group_size: int = field(default=8, metadata={"help": "G: episodes per task (paper: 8)"})
     max_new_tokens: int = field(default=16, metadata={"help": "longest response of one turn, in tokens (papers: 512 with <think>)"})
     max_turns: int = field(default=12, metadata={"help": "turns before an episode is cut off (ALFWorld runs: 50)"})
-    history_length: int = field(default=1, metadata={"help": "recent (observation, action) pairs shown in each turn's prompt (verl-agent: 2)"})
+    history_length: int = field(default=0, metadata={"help": "recent (observation, action) pairs shown in each turn's prompt (verl-agent: 2; keydoor's observation is the whole state)"})
     gamma: float = field(default=0.95, metadata={"help": "discount of the step returns that step groups compare (paper: 0.95)"})
     step_advantage_weight: float = field(default=1.0, metadata={"help": "omega: weight of the step-level advantage (paper: 1; 0 is GRPO over episodes)"})
     episode_stats: str = field(default="episodes", metadata={"help": "episode-level mean/std over the G episodes (paper) or over their step rows (authors' code)", "choices": ("episodes", "steps")})

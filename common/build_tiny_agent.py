@@ -34,9 +34,9 @@ SFT_SEED = 0  # seed of the demonstration layouts, apart from the RL training se
 VALIDATION_SEED = -1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 400  # more than the environment's prompts need: training stops when every word is one token
-HISTORY_LENGTH, MAX_TURNS = 1, 12  # gigpo.py's defaults: the prompts it will show
+HISTORY_LENGTH, MAX_TURNS = 0, 12  # gigpo.py's defaults: the prompts it will show
 BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS = 64, 2e-3, 20  # demonstration turns per step; AdamW, linear warm-up
-VALIDATION_SIZE, EVAL_EVERY = 200, 1000  # validation layouts (training stream, never held out), every 1000 steps
+VALIDATION_SIZE, EVAL_EVERY = 200, 500  # validation layouts (training stream, never held out), every 500 steps
 
 
 def expert_turns(seed: int, history_length: int, max_turns: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -82,7 +82,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TINY_AGENT_MODEL_DIR, help="folder to write the model to")
     parser.add_argument("--episodes", type=int, default=20000, help="expert episodes to imitate")
-    parser.add_argument("--steps", type=int, default=2000, help="supervised steps")
+    parser.add_argument("--steps", type=int, default=1500, help="supervised steps")
     args = parser.parse_args()
 
     rng = random.Random(SFT_SEED)
