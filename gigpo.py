@@ -26,17 +26,14 @@ from common.cli import parse_args
 from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
 from common.evaluation import Evaluator, eval_run_name
 from common.model import default_device, load_model, load_tokenizer
-from common.rollout import check_prompts_fit, generate
+from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
 from common.verify import score_batch
-# ALGO LOGIC: an agent's tasks are environments (common/envs.py). The shared loop's problem stream and
-# held-out sets are read from their agent counterparts, under the same names, so the loop reads on:
-# a "problem" is a task whose "question" is its first turn's prompt (the same for all G episodes).
+# ALGO LOGIC: an agent's tasks are environments, played an episode at a time (common/envs.py).
 import difflib
 
-from common.envs import KEYDOOR, EpisodeEvaluator, run_episodes, stack_turns
-from common.envs import TaskStream as ProblemStream, load_eval_tasks as load_eval_problems  # noqa: F811
+from common.envs import KEYDOOR, EpisodeEvaluator, TaskStream, load_eval_tasks, run_episodes, stack_turns
 # ALGO LOGIC END
 
 METHOD = Path(__file__).stem  # run folders and messages are named after the file
@@ -50,28 +47,25 @@ class Args:
     model: str = field(default="tiny-agent", metadata={"help": "alias (Qwen2.5-1.5B-Instruct), hub id, local folder, or 'tiny-agent' (built for keydoor)"})
     dataset: str = field(default=KEYDOOR, metadata={"help": "training tasks: 'keydoor' (built-in), a TextWorld game (.z8/.ulx) or a folder of them"})
     eval_dataset: str = field(default=KEYDOOR, metadata={"help": "held-out tasks, comma-separated: 'keydoor' (its 200 held-out layouts), TextWorld games or folders"})
-    data_dir: str | None = field(default=None, metadata={"help": "not used by agent tasks (named directly); kept for the shared loop"})
-    prompt_key: str | None = field(default=None, metadata={"help": "not used: agent tasks have no fields to name (an error if set)"})
-    answer_key: str | None = field(default=None, metadata={"help": "not used: agent tasks have no fields to name (an error if set)"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template (agent prompts need a chat model)", "choices": ("chat",)})
-    total_steps: int = field(default=60, metadata={"help": "policy update steps (one batch of episodes each)"})
-    num_prompts: int = field(default=4, metadata={"help": "tasks per step (each played G times from the same start)"})
+    total_steps: int = field(default=60, metadata={"help": "policy update steps (one batch of episodes each)", "min": 1})
+    num_prompts: int = field(default=4, metadata={"help": "tasks per step (each played G times from the same start)", "min": 1})
     group_size: int = field(default=8, metadata={"help": "G: episodes per task (paper: 8)"})
-    max_new_tokens: int = field(default=16, metadata={"help": "longest response of one turn, in tokens (papers: 512 with <think>)"})
-    max_turns: int = field(default=12, metadata={"help": "turns before an episode is cut off (ALFWorld runs: 50)"})
-    history_length: int = field(default=0, metadata={"help": "recent (observation, action) pairs shown in each turn's prompt (verl-agent: 2; keydoor's observation is the whole state)"})
+    max_new_tokens: int = field(default=16, metadata={"help": "longest response of one turn, in tokens (papers: 512 with <think>)", "min": 1})
+    max_turns: int = field(default=12, metadata={"help": "turns before an episode is cut off (ALFWorld runs: 50)", "min": 1})
+    history_length: int = field(default=0, metadata={"help": "recent (observation, action) pairs shown in each turn's prompt (verl-agent: 2; keydoor's observation is the whole state)", "min": 0})
     gamma: float = field(default=0.95, metadata={"help": "discount of the step returns that step groups compare (paper: 0.95)"})
     step_advantage_weight: float = field(default=1.0, metadata={"help": "omega: weight of the step-level advantage (paper: 1; 0 is GRPO over episodes)"})
     episode_stats: str = field(default="episodes", metadata={"help": "episode-level mean/std over the G episodes (paper) or over their step rows (authors' code)", "choices": ("episodes", "steps")})
     similarity_threshold: float | None = field(default=None, metadata={"help": "group anchors whose difflib ratio is at least this (authors' search runs: 0.9; default: exact match)"})
-    invalid_action_penalty: float = field(default=0.1, metadata={"help": "reward of a turn with no <action>...</action> (negated; paper: 0.1)"})
+    invalid_action_penalty: float = field(default=0.1, metadata={"help": "subtracted from the reward of a turn with no <action>...</action> (paper: 0.1)", "min": 0})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-6 for 1.5B-7B models)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)"})
-    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch (its turns, padded to a multiple)"})
-    micro_batch_size: int = field(default=256, metadata={"help": "turns per forward/backward (gradient accumulation)"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)", "min": 1})
+    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch (its turns, padded to a multiple)", "min": 1})
+    micro_batch_size: int = field(default=256, metadata={"help": "turns per forward/backward (gradient accumulation)", "min": 1})
     scale_by_std: bool = field(default=True, metadata={"help": "divide advantages by their group's std (authors' mean_std_norm; off: mean_norm)"})
     advantage_eps: float = field(default=1e-6, metadata={"help": "added to the group std"})
     clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
@@ -82,8 +76,8 @@ class Args:
     loss_aggregation: str = field(default="token-mean", metadata={"help": "how token losses are averaged (see aggregate_loss)", "choices": LOSS_AGGREGATIONS})
     shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute episode returns, and step returns, within the batch"})
     eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
-    eval_size: int = field(default=0, metadata={"help": "held-out tasks evaluated per set (0: all)"})
-    eval_samples: int = field(default=0, metadata={"help": "k: also play k sampled episodes per task for mean@k and pass@k (0: greedy only)"})
+    eval_size: int = field(default=0, metadata={"help": "held-out tasks evaluated per set (0: all)", "min": 0})
+    eval_samples: int = field(default=0, metadata={"help": "k: also play k sampled episodes per task for mean@k and pass@k (0: greedy only)", "min": 0})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model on --eval-dataset, then exit"})
     eval_batch_size: int = field(default=250, metadata={"help": "episodes played at once in evaluation"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
@@ -94,6 +88,11 @@ class Args:
     dtype: str | None = field(default=None, metadata={"help": "weights' dtype (default: bf16 on GPU, fp32 on CPU)", "choices": ("float32", "bfloat16", "float16")})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
+    rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of the GPU vLLM holds while it samples: its weights, activations and KV cache"})
+    vllm_sleep_mode: bool | None = field(default=None, metadata={"help": "vLLM frees its GPU memory while the trainer trains, and is re-synced on waking (default: on with CUDA)"})
+    sync_check_threshold: float | None = field(default=None, metadata={"help": "stop when vLLM's log-probs differ from the trainer's by more, in nats per token (default: 1e-3 in float32, 0.2 in bfloat16)"})
+    tis_cap: float | None = field(default=None, metadata={"help": "C: weigh each token by min(pi_trainer / pi_vllm, C), truncated importance sampling (TRL: 2-3; default: off, as verl)"})
     track: bool = field(default=False, metadata={"help": "also send every metrics line to an experiment tracker"})
     tracker: str = field(default="trackio", metadata={"help": "trackio (local, offline) or wandb", "choices": TRACKERS})
     track_project: str = field(default="cleancredit", metadata={"help": "the tracker's project; the run is named after the run folder"})
@@ -248,11 +247,9 @@ def gigpo_advantages(episode_returns: torch.Tensor, step_returns: torch.Tensor, 
 
 
 def check_gigpo_args(args):
-    """GiGPO's own start-up checks, one line each."""
+    """GiGPO's own start-up checks, one line each (the command line checked the flags' minimums)."""
     problems = [
-        (args.max_turns < 1 or args.history_length < 0, "--max-turns must be positive and --history-length 0 or more"),
         (not 0 <= args.gamma <= 1, f"--gamma must lie in [0, 1] (got {args.gamma})"),
-        (args.invalid_action_penalty < 0, "--invalid-action-penalty is subtracted: give it as 0 or more"),
         (args.similarity_threshold is not None and not 0 < args.similarity_threshold < 1,
          "--similarity-threshold must lie in (0, 1); leave it unset for exact anchors"),
     ]
@@ -264,18 +261,14 @@ def check_gigpo_args(args):
 
 # Plumbing: start-up checks, log-probs, the update. The rest is in common/.
 def check_args(args: Args):
-    """Fail at start-up, in one line, on arguments that cannot work."""
+    """Fail at start-up, in one line, on arguments that cannot work (the command line checked each
+    flag's allowed values and minimum already)."""
     batch_size = args.num_prompts * args.group_size
-    minibatch_size = batch_size // max(args.num_minibatches, 1)
+    minibatch_size = batch_size // args.num_minibatches
     problems = [
         (args.group_size < 2, f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
-        (args.num_prompts < 1 or args.total_steps < 1, "--num-prompts and --total-steps must be positive"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be positive (got {args.max_new_tokens})"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
-        (args.num_epochs < 1 or args.micro_batch_size < 1, "--num-epochs and --micro-batch-size must be positive"),
-        (args.eval_size < 0 or args.eval_samples < 0, "--eval-size and --eval-samples must be 0 or more"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches,
-         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
+        (batch_size % args.num_minibatches, f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
         (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
          f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of {minibatch_size} sequences"),
     ]
@@ -342,15 +335,15 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
 
 
 def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
-    """num_epochs passes over the batch, num_minibatches optimizer steps each. Returns step metrics.
+    """num_epochs passes over the batch, num_minibatches optimizer steps each.
 
     `batch`: input_ids and attention_mask [B, P + C] (prompt and completion), mask and advantages
-    [B, C] (completion tokens only).
+    [B, C] (completion tokens only). Returns the step metrics and pi_old [B, C], the log-probs
+    before the update (NaN on sequences left out), against which the rollout engine is checked.
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    has_signal = (batch["advantages"] != 0).any(dim=1)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero(has_signal).flatten().cpu()
+    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -367,53 +360,57 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             totals = {key: totals[key] + stats[key] for key in totals}
+    policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
             "clip_fraction": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens if totals["tokens"] else None,
-            "skipped_sequences": size - len(trained)}
+            "skipped_sequences": size - len(trained)}, old_logp
 
 
 def main(argv=None):
     try:
         args = parse_args(Args, argv, __doc__)
         check_args(args)
-        # ALGO LOGIC: GiGPO's own settings
+        # ALGO LOGIC: GiGPO's own settings.
         check_gigpo_args(args)
         # ALGO LOGIC END
         tracker = import_tracker(args.tracker) if args.track else None
         device = args.device or default_device()
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
-        train_stream = None if args.eval_only else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
-        eval_sets = {name: load_eval_problems(name, args.eval_size, args.prompt_key, args.answer_key, args.data_dir)
-                     for name in args.eval_dataset.split(",")}
+        # ALGO LOGIC: the training tasks and the held-out ones: environments to play, each task's "question" its first prompt.
+        train_stream = None if args.eval_only else TaskStream(args.dataset, args.seed)
+        eval_sets = {name: load_eval_tasks(name, args.eval_size) for name in args.eval_dataset.split(",")}
+        # ALGO LOGIC END
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
-        # Checkpointing trades about a third more compute for activations a 1.5B-7B model cannot hold
-        # otherwise; the CPU-sized default model needs no such trade.
-        gradient_checkpointing = device.startswith("cuda") if args.gradient_checkpointing is None else args.gradient_checkpointing
-        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, gradient_checkpointing)
+        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
         policy.train()
         # Every prompt this run will render, training and held-out, must leave room for a full response.
         training = {} if args.eval_only else {args.dataset: train_stream.problems or [
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
-        check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
-        ref_model = None
-        if args.kl_coef > 0:  # the reference is the starting model, frozen
-            ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)
-        evaluate = Evaluator(tokenizer, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
-                             args.eval_samples, args.temperature)
-        # ALGO LOGIC: held-out tasks are played to the end: greedy success rate (as pass@1), return, turns
-        evaluate = EpisodeEvaluator(tokenizer, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
+        longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
+        # ALGO LOGIC: later turns' prompts outgrow the first ones (other observations, the history), up to the context
+        # that run_episodes checks every turn against: a vLLM engine must hold that much.
+        longest_prompt = policy.config.max_position_embeddings - args.max_new_tokens
+        # ALGO LOGIC END
+        # The reference is the starting model, frozen; with no KL term it is not even loaded.
+        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False) if args.kl_coef > 0 else None
+        engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
+                                     batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
+                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
+        # ALGO LOGIC: held-out tasks are played to the end: greedy success rate (as pass@1), return, turns.
+        evaluate = EpisodeEvaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                                     args.eval_samples, args.temperature, args.max_turns, args.history_length,
                                     args.invalid_action_penalty)
         # ALGO LOGIC END
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
-            return evaluate.run_only(policy, RunLog(run_dir, args, None, tracker, args.track_project), args.model)
+            return evaluate.run_only(RunLog(run_dir, args, None, tracker, args.track_project), args.model)
 
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
@@ -426,7 +423,7 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate(policy)
+    eval_results = evaluate()
     eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
     print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
     batch_size = args.num_prompts * args.group_size
@@ -434,24 +431,17 @@ def main(argv=None):
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
     for step in progress:
         step_start = time.time()
-        problems = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
-        prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
-        rollout = generate(policy, tokenizer, [prompt for prompt in prompts for _ in range(args.group_size)],
-                           args.max_new_tokens, args.temperature)
-        # ALGO LOGIC: that was every episode's first turn; the episodes go on, one generate call per turn for
-        # the ones still running, until their environment says done or --max-turns (common/envs.py).
-        episodes = run_episodes(policy, tokenizer, [problem for problem in problems for _ in range(args.group_size)],
-                                args.template, args.max_new_tokens, args.max_turns, args.history_length,
-                                args.invalid_action_penalty, args.temperature, first_turn=rollout)
-        # ALGO LOGIC END
+        # ALGO LOGIC: play G episodes of each task, one engine.generate call per turn for the episodes still running,
+        # until their environment says done or --max-turns (common/envs.py); the environments give the rewards.
+        tasks = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
+        episodes = run_episodes(engine, [task for task in tasks for _ in range(args.group_size)], args.template,
+                                args.max_new_tokens, args.max_turns, args.history_length, args.invalid_action_penalty,
+                                args.temperature)
         generate_time = time.time() - step_start
 
-        score_start = time.time()
-        answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
-        rewards = torch.tensor(score_batch(rollout.texts, answers), device=device).view(args.num_prompts, args.group_size)
-        # ALGO LOGIC: the environments gave the rewards (the line above scores no action: it has no \boxed{}).
         # Each episode's return R_i, each turn's discounted return R_{i,t} (eq. 5) and step group (eq. 6);
-        # from here on the batch is every turn of every episode.
+        # from here on the batch is every turn of every episode, with the sampler's log-probs where it gives them.
+        score_start = time.time()
         turns = [turn for episode in episodes for turn in episode.turns]
         rewards = torch.tensor([episode.total_reward for episode in episodes], device=device).view(args.num_prompts, args.group_size)
         step_returns = torch.tensor([value for episode in episodes
@@ -460,8 +450,8 @@ def main(argv=None):
         turn_step_group = step_groups([turn.anchor for turn in turns], (turn_episode // args.group_size).tolist(),
                                       args.similarity_threshold).to(device)
         rollout = stack_turns(turns, tokenizer.pad_token_id)
-        # ALGO LOGIC END
         score_time = time.time() - score_start
+        # ALGO LOGIC END
 
         train_start = time.time()
         mask = rollout.completion_mask.float()  # [B, C]: 1 on response tokens, up to and including EOS
@@ -478,26 +468,29 @@ def main(argv=None):
         batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
                  "mask": mask, "advantages": advantages}
-        update = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+        if args.tis_cap is not None:  # correct for the sampler not being exactly the policy (one more forward pass)
+            batch["advantages"] = batch["advantages"] * truncated_importance_weights(
+                frozen_logprobs(policy, batch, args), rollout.logprobs, args.tis_cap)
+        update, old_logp = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
         train_time = time.time() - train_start
+        update |= engine.check_and_sync(rollout, old_logp)  # stops the run if vLLM did not sample from the policy
 
         completion_tokens = rollout.completion_mask.sum().item()
         step_time = time.time() - step_start
         evaluated = (args.eval_every and step % args.eval_every == 0) or step == args.total_steps
         if evaluated:
-            eval_results = evaluate(policy)
+            eval_results = evaluate()
             eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
                    "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
-                   "response_length": completion_tokens / batch_size, "truncated_fraction": rollout.truncated.float().mean().item(),
+                   "response_length": completion_tokens / len(rollout.texts), "truncated_fraction": rollout.truncated.float().mean().item(),
                    "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
                    "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}
         # ALGO LOGIC: the agent's metrics. reward_mean above is the mean episode return; lengths are per turn.
         group_sizes = torch.bincount(turn_step_group)
         group_sizes = group_sizes[group_sizes > 0]
         metrics.update({
-            "response_length": completion_tokens / len(rollout.texts), "turns": len(turns),
-            "success_rate": sum(episode.won for episode in episodes) / len(episodes),
+            "turns": len(turns), "success_rate": sum(episode.won for episode in episodes) / len(episodes),
             "episode_turns": len(turns) / len(episodes),
             "invalid_action_rate": sum(turn.action is None for turn in turns) / len(turns),
             "grouped_turn_fraction": group_sizes[group_sizes > 1].sum().item() / len(turns),
@@ -512,17 +505,17 @@ def main(argv=None):
 
     run_log.close()
     if history:  # empty when resuming a run that had already finished
-        # ALGO LOGIC: the summary's shares are of the turns trained on, and GiGPO's lines follow it
-        batch_size = sum(metrics["turns"] for metrics in history) / len(history)
-        # ALGO LOGIC END
-        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
-        # ALGO LOGIC: GiGPO's own summary lines
+        # ALGO LOGIC: the end-of-run summary: the batch it takes shares of is a step's turns, and GiGPO's lines follow it.
+        batch_size = sum(m["turns"] for m in history) / len(history)
         first, last = history[:10], history[-10:]
-        for key, label in (("success_rate", "sampled success rate"), ("episode_turns", "turns per episode"),
-                           ("grouped_turn_fraction", "turns in step groups of 2+"), ("invalid_action_rate", "invalid actions")):
-            print(f"  {label:<26} {sum(m[key] for m in first) / len(first):.3f} (first {len(first)} steps) -> "
-                  f"{sum(m[key] for m in last) / len(last):.3f} (last {len(last)})")
+        agent_lines = {label: f"{sum(m[key] for m in first) / len(first):.3f} (first {len(first)} steps) -> "
+                              f"{sum(m[key] for m in last) / len(last):.3f} (last {len(last)})"
+                       for key, label in (("success_rate", "sampled success rate"), ("episode_turns", "turns per episode"),
+                                          ("grouped_turn_fraction", "turns in step groups of 2+"),
+                                          ("invalid_action_rate", "invalid actions"))}
+        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
+                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
+                      agent_lines)
         # ALGO LOGIC END
 
 

@@ -1,8 +1,9 @@
 """Multi-turn agent tasks: the environment protocol, the turn prompt, episodes, held-out evaluation.
 
 An agent trainer (gigpo.py) reads these where a single-turn trainer reads problems: a task is a
-dict like a problem ({"question": the first turn's prompt text, "answer": ""}) that also names its
-environment ("env") and what to reset it with ("seed", or a TextWorld "game" file). Sources:
+dict with a "question" like a problem's (the first turn's prompt text, which the start-up check of
+prompt lengths reads) that also names its environment ("env") and what to reset it with ("seed",
+or a TextWorld "game" file). Sources:
 
     keydoor                 the built-in environment (common/keydoor.py): unlimited training
                             layouts, 200 held-out layouts never trained on
@@ -27,7 +28,7 @@ from common import UsageError
 from common.data import ProblemStream, render_prompt
 from common.evaluation import Evaluator
 from common.keydoor import KeyDoorEnv, heldout_seeds, train_seed
-from common.rollout import Rollout, check_context_length, generate
+from common.rollout import Rollout, check_context_length
 
 KEYDOOR = "keydoor"  # the built-in environment's name wherever a data set is expected
 GAME_SUFFIXES = (".z8", ".ulx")
@@ -84,7 +85,7 @@ def make_env(task: dict) -> Environment:
 
 def describe_task(env_name: str, seed: int = 0, game: str | None = None) -> dict:
     """A task dict: its environment, how to reset it, and its first turn's prompt as "question"."""
-    task = {"env": env_name, "seed": seed, "game": game, "answer": ""}
+    task = {"env": env_name, "seed": seed, "game": game}
     env = make_env(task)
     observation = env.reset(seed)
     task["question"] = agent_prompt(env.task, env.admissible_actions(), [], observation)
@@ -105,11 +106,6 @@ def _games(source: str) -> list[str]:
                      f"({', '.join(GAME_SUFFIXES)}) or a folder of them")
 
 
-def _no_fields(prompt_key, answer_key):
-    if prompt_key is not None or answer_key is not None:
-        raise UsageError("--prompt-key and --answer-key name fields of a data file; environment tasks have none")
-
-
 class TaskStream(ProblemStream):
     """The endless stream of training tasks: task number i is the same on every run with this seed.
 
@@ -117,8 +113,7 @@ class TaskStream(ProblemStream):
     is walked in a new seeded order each epoch, as ProblemStream walks a data set.
     """
 
-    def __init__(self, source: str, seed: int, prompt_key: str | None = None, answer_key: str | None = None):
-        _no_fields(prompt_key, answer_key)
+    def __init__(self, source: str, seed: int):
         self.seed, self._epoch_order = seed, None
         self.problems = None if source == KEYDOOR else [describe_task("textworld", game=g) for g in _games(source)]
 
@@ -128,13 +123,8 @@ class TaskStream(ProblemStream):
         return super().__getitem__(index)
 
 
-def load_eval_tasks(source: str, size: int = 0, prompt_key: str | None = None, answer_key: str | None = None,
-                    data_dir: str | None = None) -> list[dict]:
-    """The first `size` (0: all) held-out tasks of `source`: keydoor's held-out layouts or TextWorld games.
-
-    `data_dir` is accepted for the shared loop's call and not used: sources are named directly.
-    """
-    _no_fields(prompt_key, answer_key)
+def load_eval_tasks(source: str, size: int = 0) -> list[dict]:
+    """The first `size` (0: all) held-out tasks of `source`: keydoor's held-out layouts or TextWorld games."""
     if source == KEYDOOR:
         seeds = heldout_seeds()[:size] if size > 0 else heldout_seeds()
         return [describe_task(KEYDOOR, seed) for seed in seeds]
@@ -152,6 +142,7 @@ class Turn:
     action: str | None  # the parsed action; None: invalid
     anchor: str  # the environment's state key before the action
     reward: float
+    logprobs: torch.Tensor | None = None  # [C] the sampler's log-prob of each completion token, where it gives them
 
 
 @dataclass
@@ -166,45 +157,45 @@ class Episode:
         return sum(turn.reward for turn in self.turns)
 
 
-def run_episodes(model, tokenizer, tasks: list[dict], template: str, max_new_tokens: int, max_turns: int,
-                 history_length: int, invalid_penalty: float, temperature: float = 1.0, greedy: bool = False,
-                 first_turn: Rollout | None = None) -> list[Episode]:
-    """Play one episode per task, all at once: each turn, one batched `generate` call for the running ones.
+def run_episodes(engine, tasks: list[dict], template: str, max_new_tokens: int, max_turns: int, history_length: int,
+                 invalid_penalty: float, temperature: float = 1.0, greedy: bool = False) -> list[Episode]:
+    """Play one episode per task, all at once: each turn, one batched `engine.generate` call for the running ones.
 
-    `first_turn`: the first turn's responses when the caller has already sampled them (one row per
-    task, from the tasks' "question" prompts). An episode ends when its environment says done or
-    after `max_turns` turns.
+    `engine`: the run's rollout engine (common.rollout), so a vLLM run plays its episodes with vLLM.
+    The first turn's prompt is the task's "question" (no history yet); copies of a task side by
+    side (a group) send theirs together, which vLLM serves as one request for G samples. An
+    episode ends when its environment says done or after `max_turns` turns.
     """
     envs = [make_env(task) for task in tasks]
     observations = [env.reset(task["seed"]) for env, task in zip(envs, tasks)]
     histories: list[list[tuple[str, str]]] = [[] for _ in tasks]
     episodes = [Episode(task) for task in tasks]
-    for turn in range(max_turns):
-        running = [i for i, episode in enumerate(episodes) if not episode.done]
-        if not running:
-            break
-        if turn == 0 and first_turn is not None:
-            rollout = first_turn
-        else:
-            prompts = [render_prompt(tokenizer, tasks[i]["question"] if turn == 0 else agent_prompt(
+    with engine.awake():  # a vLLM engine in sleep mode sleeps after the last turn, not after every one
+        for turn in range(max_turns):
+            running = [i for i, episode in enumerate(episodes) if not episode.done]
+            if not running:
+                break
+            prompts = [render_prompt(engine.tokenizer, agent_prompt(
                 envs[i].task, envs[i].admissible_actions(), histories[i][-history_length:] if history_length else [],
                 observations[i]), template) for i in running]
-            check_context_length(model, tokenizer, f"turn {turn + 1}", prompts, max_new_tokens)
-            rollout = generate(model, tokenizer, prompts, max_new_tokens, temperature, greedy=greedy)
-        for row, i in enumerate(running):
-            env, episode = envs[i], episodes[i]
-            action, anchor = parse_action(rollout.texts[row]), env.anchor()
-            if action is None:  # the environment never sees it: same state, a penalty
-                reward = -invalid_penalty
-            else:
-                observation, reward, episode.done, info = env.step(action)
-                episode.won = bool(info.get("won"))
-            histories[i].append((observations[i], action or INVALID_ACTION))
-            if action is not None:
-                observations[i] = observation
-            episode.turns.append(Turn(rollout.prompt_ids[row][rollout.prompt_mask[row].bool()],
-                                      rollout.completion_ids[row][rollout.completion_mask[row].bool()],
-                                      bool(rollout.truncated[row]), rollout.texts[row], action, anchor, reward))
+            check_context_length(engine.policy, engine.tokenizer, f"turn {turn + 1}", prompts, max_new_tokens)
+            rollout = engine.generate(prompts, max_new_tokens, temperature, greedy=greedy)
+            for row, i in enumerate(running):
+                env, episode = envs[i], episodes[i]
+                action, anchor = parse_action(rollout.texts[row]), env.anchor()
+                if action is None:  # the environment never sees it: same state, a penalty
+                    reward = -invalid_penalty
+                else:
+                    observation, reward, episode.done, info = env.step(action)
+                    episode.won = bool(info.get("won"))
+                histories[i].append((observations[i], action or INVALID_ACTION))
+                if action is not None:
+                    observations[i] = observation
+                completion = rollout.completion_mask[row].bool()
+                episode.turns.append(Turn(rollout.prompt_ids[row][rollout.prompt_mask[row].bool()],
+                                          rollout.completion_ids[row][completion], bool(rollout.truncated[row]),
+                                          rollout.texts[row], action, anchor, reward,
+                                          None if rollout.logprobs is None else rollout.logprobs[row][completion]))
     for env, episode in zip(envs, episodes):
         env.close()
         episode.done = True  # the ones still running hit max_turns
@@ -212,7 +203,12 @@ def run_episodes(model, tokenizer, tasks: list[dict], template: str, max_new_tok
 
 
 def stack_turns(turns: list[Turn], pad_token_id: int) -> Rollout:
-    """Turns of any episodes as one batch: prompts left-padded, completions right-padded, as generate returns them."""
+    """Turns of any episodes as one batch: prompts left-padded, completions right-padded, as generate returns them.
+
+    The sampler's log-probs come along, row for row (0 on padding, as the vLLM engine gives them),
+    when the turns have them (a vLLM run's sampled turns); the rollout engine's check and --tis-cap
+    compare them with the trainer's.
+    """
     prompt_width = max(len(turn.prompt_ids) for turn in turns)
     completion_width = max(len(turn.completion_ids) for turn in turns)
     device = turns[0].prompt_ids.device
@@ -225,7 +221,12 @@ def stack_turns(turns: list[Turn], pad_token_id: int) -> Rollout:
         completion_ids[row, :len(turn.completion_ids)] = turn.completion_ids
         completion_mask[row, :len(turn.completion_ids)] = 1
     truncated = torch.tensor([turn.truncated for turn in turns], device=device)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, [turn.text for turn in turns])
+    logprobs = None
+    if turns[0].logprobs is not None:  # then every turn has them: one engine sampled them all
+        logprobs = torch.zeros(completion_ids.shape, device=device)
+        for row, turn in enumerate(turns):
+            logprobs[row, :len(turn.logprobs)] = turn.logprobs
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, [turn.text for turn in turns], logprobs)
 
 
 class EpisodeEvaluator(Evaluator):
@@ -233,30 +234,29 @@ class EpisodeEvaluator(Evaluator):
     return and length, and with `samples` k > 0, mean@k (mean success of k sampled episodes per
     task) and pass@k (share of tasks won by any of them)."""
 
-    def __init__(self, tokenizer, eval_sets: dict[str, list[dict]], template: str, max_new_tokens: int,
+    def __init__(self, engine, eval_sets: dict[str, list[dict]], template: str, max_new_tokens: int,
                  batch_size: int, samples: int, temperature: float, max_turns: int, history_length: int,
                  invalid_penalty: float):
-        super().__init__(tokenizer, eval_sets, template, max_new_tokens, batch_size, samples, temperature)
+        super().__init__(engine, eval_sets, template, max_new_tokens, batch_size, samples, temperature)
         self.episode_settings = {"template": template, "max_new_tokens": max_new_tokens, "max_turns": max_turns,
                                  "history_length": history_length, "invalid_penalty": invalid_penalty}
 
-    def _play(self, model, tasks: list[dict], **sampling) -> list[Episode]:
+    def _play(self, tasks: list[dict], **sampling) -> list[Episode]:
         return [episode for start in range(0, len(tasks), self.batch_size)
-                for episode in run_episodes(model, self.tokenizer, tasks[start:start + self.batch_size],
+                for episode in run_episodes(self.engine, tasks[start:start + self.batch_size],
                                             **self.episode_settings, **sampling)]
 
-    def evaluate(self, model, problems: list[dict]) -> dict:
-        greedy = self._play(model, problems, greedy=True)
+    def evaluate(self, problems: list[dict]) -> dict:
+        greedy = self._play(problems, greedy=True)
         turns = [turn for episode in greedy for turn in episode.turns]
         results = {"pass@1": sum(e.won for e in greedy) / len(greedy),
                    "return": sum(e.total_reward for e in greedy) / len(greedy),
                    "turns": len(turns) / len(greedy),
                    "invalid_rate": sum(turn.action is None for turn in turns) / max(len(turns), 1)}
         if self.samples:
-            sampled = self._play(model, [task for task in problems for _ in range(self.samples)],
-                                 temperature=self.temperature)
+            sampled = self._play([task for task in problems for _ in range(self.samples)], temperature=self.temperature)
             won = torch.tensor([episode.won for episode in sampled], dtype=torch.float).view(-1, self.samples)
             results[f"mean@{self.samples}"] = won.mean().item()
-            if self.samples > 1:  # pass@1 is the greedy success rate
+            if self.samples > 1:  # a sampled pass@1 is mean@1; "pass@1" stays the greedy success rate
                 results[f"pass@{self.samples}"] = won.max(dim=1).values.mean().item()
         return results

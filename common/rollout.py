@@ -7,6 +7,7 @@ the policy's weights after every update and is checked on every batch. Both retu
 `Rollout`.
 """
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -178,6 +179,10 @@ class TransformersEngine:
     def check_and_sync(self, rollout: Rollout, trainer_logprobs: torch.Tensor) -> dict:
         """The sampler is the policy: its log-probs are the trainer's, and it always has the new weights."""
         return dict.fromkeys(SYNC_METRICS)
+
+    def awake(self):
+        """Several generate calls in a row (an agent's turns): nothing sleeps between them here."""
+        return contextlib.nullcontext()
 
 
 def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_model_len: int, batch_size: int,

@@ -14,6 +14,7 @@ which is what a skipped, stale or partial sync looks like (one peer's sleep-mode
 from the base checkpoint for weeks; importance ratios near 3e-7 were the only sign).
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -90,7 +91,7 @@ class VLLMEngine:
         # precomputed table. (Set after LLM(), which reconfigures vLLM's loggers.) A real failure
         # still shows: the check catches its effect on the log-probs.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        self.asleep, self.syncs = False, 0
+        self.asleep, self.held_awake, self.syncs = False, False, 0
         self.sync()
 
     @torch.no_grad()
@@ -136,10 +137,25 @@ class VLLMEngine:
                   for _, n in requests]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params, use_tqdm=False)
         completions = [sample for output in outputs for sample in sorted(output.outputs, key=lambda sample: sample.index)]
-        if self.sleep_mode:
-            self.llm.sleep(level=2)  # weights and KV cache freed: the next sync refills the weights
-            self.asleep = True
+        if self.sleep_mode and not self.held_awake:
+            self._sleep()
         return self._rollout(prompt_ids, completions)
+
+    @contextlib.contextmanager
+    def awake(self):
+        """Hold the engine awake over several generate calls, as an agent's turns make them, and let it
+        sleep once they are done: one wake-up and one weight sync per rollout instead of one per turn."""
+        self.held_awake = True
+        try:
+            yield
+        finally:
+            self.held_awake = False
+            if self.sleep_mode and not self.asleep:
+                self._sleep()
+
+    def _sleep(self):
+        self.llm.sleep(level=2)  # weights and KV cache freed: the next sync refills the weights
+        self.asleep = True
 
     def _rollout(self, prompt_ids: list[list[int]], completions) -> Rollout:
         """vLLM's outputs as a Rollout: left-padded prompts, right-padded completions, masks from the first EOS."""

@@ -1,6 +1,7 @@
 """GiGPO: its advantage arithmetic (properties and the spec's numbers), the built-in environment,
 the episode runner, and gigpo.py end to end on the tiny agent model and on the real test model."""
 
+import contextlib
 import math
 import random
 import subprocess
@@ -12,14 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import common.envs
 from common import UsageError
+from common.data import render_prompt
 from common.envs import (INVALID_ACTION, KEYDOOR, Turn, agent_prompt, describe_task, load_eval_tasks, parse_action,
                          run_episodes, stack_turns, TaskStream)
 from common.keydoor import (COMMANDS, WIN_REWARD, KeyDoorEnv, expert_action_probabilities, heldout_seeds,
                             layout_for_seed, train_seed)
 from common.model import load_model, load_tokenizer
-from common.rollout import Rollout
+from common.rollout import Rollout, TransformersEngine
 import gigpo
 from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, step_groups
 from grpo_runs import read_metrics, run_trainer
@@ -207,52 +208,83 @@ def test_prompt_holds_task_actions_history_and_observation():
     assert "Actions" not in agent_prompt("Do it.", None, [], "o")
 
 
-def fake_first_turn(texts):
-    """A first turn as generate would return it, with chosen texts (token ids are placeholders)."""
-    size = len(texts)
-    ones = torch.ones(size, 2, dtype=torch.long)
-    return Rollout(ones * 5, ones, ones * 7, ones, torch.zeros(size, dtype=torch.bool), texts)
+class ScriptedEngine:
+    """A rollout engine that answers each turn with chosen texts, as an engine returns them: the
+    prompts it was sent, two placeholder tokens per response and, when sampling, log-probs that
+    tell the calls and rows apart (call k, row r: -(k + 1) - (2r + position) / 10)."""
+
+    def __init__(self, replies: list[list[str]]):
+        self.policy, self.tokenizer = load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent")
+        self.replies, self.prompts = iter(replies), []
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, greedy=False):
+        texts = next(self.replies)
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        completion_ids = torch.arange(2 * len(texts)).view(-1, 2) + 5
+        logprobs = -(len(self.prompts) + 1) - torch.arange(2 * len(texts), dtype=torch.float).view(-1, 2) / 10
+        self.prompts.append(prompts)
+        return Rollout(encoded["input_ids"], encoded["attention_mask"], completion_ids, torch.ones_like(completion_ids),
+                       torch.zeros(len(texts), dtype=torch.bool), texts, None if greedy else logprobs)
+
+    def awake(self):
+        return contextlib.nullcontext()
 
 
 def test_an_invalid_action_keeps_the_state_and_costs_the_penalty():
     tasks = [describe_task(KEYDOOR, 11)] * 2
-    episodes = run_episodes(None, None, tasks, "chat", 4, 1, 2, 0.1, first_turn=fake_first_turn(["no tags", "<action>go north</action>"]))
+    engine = ScriptedEngine([["no tags", "<action>go north</action>"]])
+    episodes = run_episodes(engine, tasks, "chat", 4, 1, 2, 0.1)
     invalid, valid = episodes[0].turns[0], episodes[1].turns[0]
     assert invalid.action is None and invalid.reward == -0.1 and not episodes[0].won
     assert valid.action == "go north" and valid.reward == 0.0
     assert invalid.anchor == valid.anchor == tasks[0]["question"].rsplit("Observation: ", 1)[1]
+    assert engine.prompts == [[render_prompt(engine.tokenizer, task["question"], "chat") for task in tasks]]
 
 
-def test_each_turn_is_one_generate_call_for_the_episodes_still_running(monkeypatch):
-    calls, real_generate = [], common.envs.generate
+def test_turns_keep_the_samplers_logprobs_and_stack_them_row_for_row():
+    """What the rollout engine's check and --tis-cap read on gigpo's batch of turns, padded minibatches included."""
+    tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:2]]
+    replies = [["<action>dance</action>", "no tags"], ["<action>go west</action>", "<action>take key</action>"]]
+    turns = [turn for episode in run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0, 0.1) for turn in episode.turns]
+    # Episode 0's turns were rows 0 of the two generate calls, episode 1's rows 1.
+    assert [turn.logprobs.tolist() for turn in turns] == [pytest.approx(row) for row in
+                                                          ([-1.0, -1.1], [-2.0, -2.1], [-1.2, -1.3], [-2.2, -2.3])]
+    rows = [3, 0, 2, 0]  # an order with a copy, as the trainer's minibatch padding makes
+    stacked = stack_turns([turns[row] for row in rows], pad_token_id=0)
+    assert torch.equal(stacked.logprobs, torch.stack([turns[row].logprobs for row in rows]))
+    greedy = run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0, 0.1, greedy=True)
+    assert stack_turns([turn for episode in greedy for turn in episode.turns], pad_token_id=0).logprobs is None
 
-    def counting_generate(model, tokenizer, prompts, *args, **kwargs):
-        calls.append(len(prompts))
-        return real_generate(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(common.envs, "generate", counting_generate)
-    model, tokenizer = load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent")
+def test_each_turn_is_one_generate_call_for_the_episodes_still_running():
+    calls = []
+
+    class CountingEngine(TransformersEngine):
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(len(prompts))
+            return super().generate(prompts, *args, **kwargs)
+
+    engine = CountingEngine(load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent"))
     tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:3] for _ in range(2)]
     torch.manual_seed(0)
-    episodes = run_episodes(model, tokenizer, tasks, "chat", 16, 8, 2, 0.1)
+    episodes = run_episodes(engine, tasks, "chat", 16, 8, 2, 0.1)
     running = [sum(len(episode.turns) > turn for episode in episodes) for turn in range(8)]
     assert calls == [count for count in running if count] and calls[0] == 6
     assert all(episode.won == (episode.turns[-1].reward == WIN_REWARD) for episode in episodes)
 
 
 def test_stack_turns_pads_like_generate():
-    turns = [Turn(torch.tensor([1, 2, 3]), torch.tensor([4]), False, "x", "a", "s", 0.0),
-             Turn(torch.tensor([5]), torch.tensor([6, 7]), True, "y", None, "s", -0.1)]
+    turns = [Turn(torch.tensor([1, 2, 3]), torch.tensor([4]), False, "x", "a", "s", 0.0, torch.tensor([-0.5])),
+             Turn(torch.tensor([5]), torch.tensor([6, 7]), True, "y", None, "s", -0.1, torch.tensor([-1.0, -2.0]))]
     rollout = stack_turns(turns, pad_token_id=0)
     assert rollout.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 5]] and rollout.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert rollout.completion_ids.tolist() == [[4, 0], [6, 7]] and rollout.completion_mask.tolist() == [[1, 0], [1, 1]]
     assert rollout.truncated.tolist() == [False, True] and rollout.texts == ["x", "y"]
+    assert rollout.logprobs.tolist() == [[-0.5, 0.0], [-1.0, -2.0]]  # 0 on padding, as the vLLM engine pads them
 
 
-def test_task_streams_are_seeded_and_reject_data_fields():
+def test_task_streams_are_seeded_and_sources_are_checked():
     assert TaskStream(KEYDOOR, 1)[5] == TaskStream(KEYDOOR, 1)[5] != TaskStream(KEYDOOR, 2)[5]
-    with pytest.raises(UsageError, match="prompt-key"):
-        TaskStream(KEYDOOR, 1, prompt_key="question")
     with pytest.raises(UsageError, match="unknown environment"):
         load_eval_tasks("gsm8k")
 

@@ -13,6 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import UsageError
 from common.data import render_prompt
+from common.envs import KEYDOOR, describe_task, run_episodes, stack_turns
+from common.keydoor import heldout_seeds
 from common.model import load_model, load_tokenizer
 from common.rollout import (TransformersEngine, eos_token_ids, generate, make_rollout_engine, sampler_mismatch,
                             truncated_importance_weights)
@@ -155,6 +157,29 @@ def test_sleep_mode_wakes_with_a_full_sync(vllm_engine):
     with torch.no_grad():
         new_logp = trainer_logprobs(policy, after, 1.0)
     assert (new_logp - after.logprobs)[after.completion_mask.bool()].abs().max() < 1e-4
+
+
+def test_an_agents_turns_wake_the_engine_once_and_keep_the_samplers_logprobs(vllm_engine):
+    """gigpo.py's episodes call generate once per turn. With sleep mode the engine stays awake through
+    an episode batch and sleeps after its last turn: one wake-up and one sync per rollout, not one
+    per turn. The stacked turns carry vLLM's log-probs row for row, equal to the trainer's, as the
+    check after gigpo's update reads them (weights overwritten with noise while asleep, as above)."""
+    policy, tokenizer = load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent")
+    engine = vllm_engine(policy, tokenizer, "tiny-agent", max_model_len=policy.config.max_position_embeddings,
+                         **ENGINE_OPTIONS)
+    engine.sleep_mode = True
+    tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:4] for _ in range(4)]
+    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0, 0.1)
+    assert max(len(episode.turns) for episode in episodes) > 1
+    assert engine.asleep and engine.syncs == 1, "the start-up sync only"
+    noise = [(name, torch.randn_like(tensor)) for name, tensor in policy.named_parameters(remove_duplicate=False)]
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": noise, "is_checkpoint_format": True})
+    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0, 0.1)
+    assert engine.asleep and engine.syncs == 2, "one more on waking for the second rollout"
+    turns = stack_turns([turn for episode in episodes for turn in episode.turns], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = trainer_logprobs(policy, turns, 1.0)
+    assert (logp - turns.logprobs)[turns.completion_mask.bool()].abs().max() < 1e-4
 
 
 def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
