@@ -112,15 +112,22 @@ def test_the_third_party_variant_takes_the_top_entropy_tokens_of_long_correct_re
 
 def run_in_process(module, flags, tmp_path):
     """Run `module.main(flags)` and return, for every update, the advantages it was handed, the
-    loss it reported and the gradient it left on the policy."""
+    loss it reported and the gradient the optimizer stepped with (update_policy frees it after)."""
     updates = []
     original = module.update_policy
 
     def recording_update(policy, ref_model, optimizer, scheduler, batch, args):
-        metrics = original(policy, ref_model, optimizer, scheduler, batch, args)
+        grads = []
+        hook = optimizer.register_step_pre_hook(lambda *_: grads.append(
+            [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+        try:
+            metrics, old_logp = original(policy, ref_model, optimizer, scheduler, batch, args)
+        finally:
+            hook.remove()
+        [stepped] = grads  # one optimizer step per update in these runs
         updates.append({"batch": {key: value.clone() for key, value in batch.items()}, "loss": metrics["loss"],
-                        "grads": [p.grad.clone() for p in policy.parameters() if p.grad is not None]})
-        return metrics
+                        "grads": stepped})
+        return metrics, old_logp
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "update_policy", recording_update)
