@@ -455,9 +455,15 @@ def main(argv=None):
     # ALGO LOGIC END
     run_log.close()
     if history:  # empty when resuming a run that had already finished
-        # ALGO LOGIC: the end-of-run summary; a method adds its own lines with method_lines={label: text}.
+        # ALGO LOGIC: the end-of-run summary, with HICRA's planning tokens and both entropies' trends (the paper's Figure 1).
+        def trend(key):  # mean over the first 10 steps -> over the last 10
+            first, last = ([m[key] for m in steps if m[key] is not None] for steps in (history[:10], history[-10:]))
+            return f"{sum(first) / max(len(first), 1):.3f} (first 10 steps) -> {sum(last) / max(len(last), 1):.3f} (last 10)"
+        hicra_lines = {"planning tokens": f"{100 * sum(m['planning_fraction'] for m in history) / len(history):.1f}% of response tokens",
+                       "semantic entropy": trend("semantic_entropy") + " nats", "token entropy": trend("entropy") + " nats"}
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
+                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
+                      hicra_lines)
         # ALGO LOGIC END
 
 

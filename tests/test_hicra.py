@@ -200,6 +200,8 @@ def test_short_run_logs_hicra_metrics_and_mines_grams(tmp_path):
     result = run_trainer("hicra.py", *SHORT_RUN, "--total-steps", "2", "--mine-grams", str(mined),
                          "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-2000:]
+    for label in ("planning tokens", "semantic entropy", "token entropy"):
+        assert f"  {label} " in result.stdout, f"the summary has no {label} line"
     [run_dir] = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("arithmetic__hicra__1__")
     args = json.loads((run_dir / "args.json").read_text())
