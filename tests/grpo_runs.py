@@ -6,7 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.data import DEFAULT_DATA_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
+# The smallest run that trains the real test model (SmolLM2-135M, slow on CPU) on GSM8K problems.
+REAL_MODEL_GSM8K_RUN = ["--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"), "--eval-dataset", "gsm8k",
+                        "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2", "--group-size", "2",
+                        "--max-new-tokens", "16", "--learning-rate", "1e-5", "--eval-every", "0"]
 
 
 def run_trainer(script: str, *flags, timeout=240, env=None):

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 import grpo
 import hicra
-from common.data import DEFAULT_DATA_DIR
 from common.model import load_tokenizer
 from common.phrases import index_phrases, load_phrases, phrase_token_mask
-from grpo_runs import read_metrics, run_trainer
+from grpo_runs import REAL_MODEL_GSM8K_RUN, read_metrics, run_trainer
 from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
 PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine is shared
@@ -233,10 +232,7 @@ def test_bad_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
 
 
 def test_two_steps_on_the_real_model_with_the_papers_grams(real_model_dir, tmp_path):
-    hicra.main(["--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
-                "--eval-dataset", "gsm8k", "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2",
-                "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--eval-every", "0",
-                "--runs-dir", str(tmp_path)])
+    hicra.main(["--model", str(real_model_dir), *REAL_MODEL_GSM8K_RUN, "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
