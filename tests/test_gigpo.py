@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from common import UsageError
 from common.data import render_prompt
-from common.envs import (INVALID_ACTION, KEYDOOR, Turn, agent_prompt, describe_task, load_eval_tasks, parse_action,
+from common.envs import (KEYDOOR, Turn, agent_prompt, describe_task, load_eval_tasks, parse_action,
                          run_episodes, stack_turns, TaskStream)
 from common.keydoor import (COMMANDS, WIN_REWARD, KeyDoorEnv, expert_action_probabilities, heldout_seeds,
                             layout_for_seed, train_seed)
