@@ -11,7 +11,8 @@ Docs: README.md. This is grpo.py with PURE's changes, marked `# ALGO LOGIC: ...`
     python pure.py                    # tiny model + arithmetic task + a flawed toy PRM, CPU, minutes
     python pure.py --credit sum --verifiable-fraction 0     # the sum-form ablation, PRM reward only
     python pure.py --model Qwen2.5-Math-7B --prm jinachris/PURE-PRM-7B --template chat-boxed \\
-        --dataset math_train.jsonl --group-size 4 --temperature 0.5 --learning-rate 5e-7 --kl-reward-coef 0.001
+        --dataset ../shared/data/gsm8k_train.jsonl --eval-dataset gsm8k --group-size 4 --temperature 0.5 \\
+        --learning-rate 5e-7 --kl-reward-coef 0.001
 """
 
 import random
@@ -462,6 +463,8 @@ def main(argv=None):
             prm = load_discriminative_prm(args.prm, device, args.dtype, args.prm_separator.replace("\\n", "\n"),
                                           tuple(int(label) for label in args.prm_labels.split(",")), args.prm_template,
                                           args.prm_batch_size, args.prm_trust_remote_code)
+            for name, problems in training.items():
+                prm.check_fits(name, [problem["question"] for problem in problems], args.max_new_tokens)
         reward_ref_model = None
         if args.kl_reward_coef > 0:
             reward_ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)

@@ -30,7 +30,7 @@ from common import UsageError
 from common.arithmetic import check_step
 from common.data import PROMPT_TEMPLATES, render_prompt
 from common.model import default_dtype, load_tokenizer, resolve_model
-from common.verify import extract_final_answer, score
+from common.verify import score
 
 STEP_SEPARATOR = "\n\n"
 # What the PRM sees before the steps: the bare question (how TRL's PRM data sets hold it), or the
@@ -109,22 +109,26 @@ class ToyArithmeticPRM:
     - an equation step ("then 23+62=85", any planning word) is good if the arithmetic is right;
     - anything else (an empty step, free text, a line cut off by truncation) is bad.
 
-    The flaw, of the kind the PURE paper finds in real PRMs: an equation is judged only on its
-    own arithmetic, never on whether it moves the solution forward. A restated line ("check
-    23+62=85" after "then 23+62=85", or the same line twice) or a true but irrelevant calculation
-    ("then 10+10=20") is rated exactly as good as a step that advances the solution. Under
-    sum-form credit every such step adds reward, so a policy can farm them; under min-form credit
-    it adds nothing.
+    The flaw, of the kind the PURE paper finds in real PRMs (which rate a restated or empty-of-
+    content step as confidently as real progress): an equation is judged only on its own
+    arithmetic, never on whether it moves the solution forward. A true but irrelevant calculation
+    ("then 10+10=20") is rated as good as a real step, and a restated line (an equation already
+    written earlier in the response, such as "check 23+62=85" after "then 23+62=85") is rated
+    *more* confidently good: a PRM is surest of a line it has just seen. Restated lines cost no
+    thinking and earn more than real steps of the same length, so under sum-form credit a policy
+    can farm them, even against PURE's per-token baseline; under min-form credit they add nothing.
 
-    The noise: a good step gets logit +CONFIDENCE, a bad one -CONFIDENCE, plus Gaussian noise of
-    standard deviation `noise`; the score is p(good) - p(bad) = tanh(logit / 2). With the default
-    noise 1.0 a step scores 0.69 on average in the right direction (0.76 without noise) and lands
-    on the wrong side of 0 with probability Phi(-2) = 2.3%. The noise is drawn from a generator seeded by (seed,
-    question, the steps so far), so the same response always gets the same scores, as from a
-    real model, and two runs with the same seed see the same PRM.
+    The noise: a good step gets logit +CONFIDENCE (a restated one +RESTATED_CONFIDENCE), a bad one
+    -CONFIDENCE, plus Gaussian noise of standard deviation `noise`; the score is p(good) - p(bad)
+    = tanh(logit / 2). With the default noise 1.0 a new step scores 0.69 on average in the right
+    direction (0.76 without noise) and lands on the wrong side of 0 with probability Phi(-2) =
+    2.3%; a restated line scores 0.93 on average (0.96 without noise). The noise is drawn from a
+    generator seeded by (seed, question, the steps so far), so the same response always gets the
+    same scores, as from a real model, and two runs with the same seed see the same PRM.
     """
 
     CONFIDENCE = 2.0
+    RESTATED_CONFIDENCE = 4.0
 
     def __init__(self, noise: float = 1.0, seed: int = 0):
         if noise < 0:
@@ -132,22 +136,22 @@ class ToyArithmeticPRM:
         self.noise, self.seed = noise, seed
 
     def score_steps(self, prompts: list[str], responses_as_steps: list[list[str]]) -> list[list[float]]:
-        scores = []
-        for question, steps in zip(prompts, responses_as_steps, strict=True):
-            answer = str(arithmetic_answer(question))
-            scores.append([self._score(question, steps[:k + 1], self._is_good(step, answer)) for k, step in enumerate(steps)])
+        return [self._score_response(question, steps) for question, steps in zip(prompts, responses_as_steps, strict=True)]
+
+    def _score_response(self, question: str, steps: list[str]) -> list[float]:
+        answer, seen, scores = str(arithmetic_answer(question)), set(), []
+        for k, step in enumerate(steps):
+            if "\\boxed{" in step:
+                logit = self.CONFIDENCE if score(step, answer) == 1.0 else -self.CONFIDENCE
+            elif check_step(step) is True:  # the flaw: true arithmetic is all it asks of an equation
+                equation = step.split()[-1]
+                logit = self.RESTATED_CONFIDENCE if equation in seen else self.CONFIDENCE
+                seen.add(equation)
+            else:
+                logit = -self.CONFIDENCE
+            rng = random.Random(f"{self.seed}\x00{question}\x00" + "\x00".join(steps[:k + 1]))
+            scores.append(math.tanh((logit + self.noise * rng.gauss(0.0, 1.0)) / 2))
         return scores
-
-    @staticmethod
-    def _is_good(step: str, answer: str) -> bool:
-        if "\\boxed{" in step:
-            return extract_final_answer(step) is not None and score(step, answer) == 1.0
-        return check_step(step) is True  # the flaw: true arithmetic is all it asks of an equation
-
-    def _score(self, question: str, prefix: list[str], good: bool) -> float:
-        rng = random.Random(f"{self.seed}\x00{question}\x00" + "\x00".join(prefix))
-        logit = (self.CONFIDENCE if good else -self.CONFIDENCE) + self.noise * rng.gauss(0.0, 1.0)
-        return math.tanh(logit / 2)
 
 
 _QUESTION = re.compile(r"^Compute (\d+(?:[+-]\d+)+)\.$")
@@ -189,6 +193,16 @@ class DiscriminativePRM:
         if self.template == "question":
             return self.bos_ids + self.tokenizer(question, add_special_tokens=False)["input_ids"]
         return self.tokenizer(render_prompt(self.tokenizer, question, self.template), add_special_tokens=False)["input_ids"]
+
+    def check_fits(self, name: str, questions: list[str], max_new_tokens: int):
+        """A one-line UsageError, at start-up, if a question as the PRM reads it plus a response of
+        `max_new_tokens` of the PRM's tokens would not fit the PRM's context."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(len(self.prompt_ids(question)) for question in questions)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise UsageError(f"prompts of {name} do not fit the PRM's context of {limit} tokens: the longest is "
+                             f"{longest} tokens as the PRM reads it, plus --max-new-tokens {max_new_tokens}; "
+                             "lower --max-new-tokens or use a PRM with a longer context")
 
     def build_input(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of prompt + (step + separator) per step, and the position read for each step."""

@@ -309,13 +309,17 @@ def test_toy_prm_without_noise_rates_right_steps_good_and_wrong_ones_bad():
     assert scores == pytest.approx([bad, good, bad, bad, bad, bad])
 
 
-def test_toy_prm_flaw_restated_and_irrelevant_but_true_lines_rate_as_good_as_real_steps():
+def test_toy_prm_flaw_irrelevant_lines_rate_as_good_and_restated_lines_better_than_real_steps():
     prm = ToyArithmeticPRM(noise=0.0)
     honest = ["first 44-21=23", "then 23+62=85", "\\boxed{85}"]
     farmed = ["first 44-21=23", "then 23+62=85", "check 23+62=85", "then 23+62=85", "then 10+10=20", "\\boxed{85}"]
     [honest_scores, farmed_scores] = prm.score_steps([QUESTION, QUESTION], [honest, farmed])
+    restated, new = math.tanh(2.0), math.tanh(1.0)  # logits 4 and 2
+    assert farmed_scores == pytest.approx([new, new, restated, restated, new, new])
     assert min(farmed_scores) == pytest.approx(min(honest_scores))  # min-form: no gain from farming
-    assert sum(farmed_scores) == pytest.approx(sum(honest_scores) + 3 * math.tanh(1.0))  # sum-form: three steps' worth
+    assert sum(farmed_scores) == pytest.approx(sum(honest_scores) + 2 * restated + new)  # sum-form: three steps' worth
+    [[wrong, restated_wrong]] = prm.score_steps([QUESTION], [["first 44-21=24", "check 44-21=24"]])
+    assert wrong == restated_wrong == pytest.approx(-new)  # restating a wrong line is still wrong
 
 
 def test_toy_prm_noise_is_seeded_per_response_and_at_the_documented_level():
@@ -334,10 +338,10 @@ def test_toy_prm_noise_is_seeded_per_response_and_at_the_documented_level():
 # The discriminative PRM: a tiny token-classification PRM of the PURE/TRL layout, built here
 # ---------------------------------------------------------------------------------------------
 
-def tiny_prm_config(tokenizer, **changes):
+def tiny_prm_config(tokenizer, context=4096):
     return Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, num_labels=2,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **changes)
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context, num_labels=2,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -504,3 +508,13 @@ def test_bad_pure_arguments_fail_at_start_up_with_one_line(flags, message, tmp_p
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("pure.py: error:") and message in lines[-1], result.stderr
     assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
+
+
+def test_prompts_too_long_for_the_prm_stop_the_run_at_start_up(tmp_path):
+    tokenizer = build_tokenizer()
+    Qwen2ForTokenClassification(tiny_prm_config(tokenizer, context=64)).save_pretrained(tmp_path / "prm")
+    tokenizer.save_pretrained(tmp_path / "prm")
+    result = run_trainer("pure.py", "--prm", str(tmp_path / "prm"), "--runs-dir", str(tmp_path / "runs"), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "do not fit the PRM's context of 64 tokens" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not (tmp_path / "runs").exists()
