@@ -32,7 +32,6 @@ from common.data import PROMPT_TEMPLATES, render_prompt
 from common.model import default_dtype, load_tokenizer, resolve_model
 from common.verify import score
 
-STEP_SEPARATOR = "\n\n"
 # What the PRM sees before the steps: the bare question (how TRL's PRM data sets hold it), or the
 # question rendered with one of the policy templates, with the PRM's own tokenizer.
 PRM_TEMPLATES = ("question", *PROMPT_TEMPLATES)
@@ -109,9 +108,9 @@ class ToyArithmeticPRM:
     - an equation step ("then 23+62=85", any planning word) is good if the arithmetic is right;
     - anything else (an empty step, free text, a line cut off by truncation) is bad.
 
-    The flaw, of the kind the PURE paper finds in real PRMs (which rate a restated or empty-of-
-    content step as confidently as real progress): an equation is judged only on its own
-    arithmetic, never on whether it moves the solution forward. A true but irrelevant calculation
+    The flaw, of the kind the PURE authors found in real PRMs (theirs gave positive scores to
+    steps with no content, such as "thanks"): an equation is judged only on its own arithmetic,
+    never on whether it moves the solution forward. A true but irrelevant calculation
     ("then 10+10=20") is rated as good as a real step, and a restated line (an equation already
     written earlier in the response, such as "check 23+62=85" after "then 23+62=85") is rated
     *more* confidently good: a PRM is surest of a line it has just seen. Restated lines cost no

@@ -18,6 +18,7 @@ from common import UsageError
 from common.build_tiny import build_tokenizer
 from common.data import DEFAULT_DATA_DIR
 from common.prm import ToyArithmeticPRM, arithmetic_answer, load_discriminative_prm, newline_run_ends, split_into_steps
+import pure
 from grpo_runs import read_metrics, run_trainer
 from pure import (leave_one_out_token_baseline, min_form_exact, min_form_softmax, pad_steps, pure_advantages,
                   transform_step_rewards, verifiable_rewards)
@@ -503,18 +504,25 @@ def test_two_steps_on_the_real_model_with_the_tiny_prm(real_model_dir, tiny_prm_
     (["--prm", "no/such/prm"], "--prm: unknown model 'no/such/prm'"),
 ])
 def test_bad_pure_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
-    result = run_trainer("pure.py", *flags, "--runs-dir", str(tmp_path), timeout=120)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("pure.py: error:") and message in lines[-1], result.stderr
+    with pytest.raises(SystemExit) as stop:  # in-process: main() exits with the line it prints
+        pure.main([*flags, "--runs-dir", str(tmp_path)])
+    line = str(stop.value.code)
+    assert "\n" not in line and line.startswith("pure.py: error:") and message in line, line
     assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
+
+
+def test_a_start_up_error_is_one_line_on_stderr_and_no_traceback(tmp_path):
+    result = run_trainer("pure.py", "--prm-labels", "0", "--runs-dir", str(tmp_path), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["pure.py: error: --prm-labels takes two output indices "
+                                                  "'incorrect,correct', such as 0,1 (got '0')"]
 
 
 def test_prompts_too_long_for_the_prm_stop_the_run_at_start_up(tmp_path):
     tokenizer = build_tokenizer()
     Qwen2ForTokenClassification(tiny_prm_config(tokenizer, context=64)).save_pretrained(tmp_path / "prm")
     tokenizer.save_pretrained(tmp_path / "prm")
-    result = run_trainer("pure.py", "--prm", str(tmp_path / "prm"), "--runs-dir", str(tmp_path / "runs"), timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "do not fit the PRM's context of 64 tokens" in result.stderr.strip().splitlines()[-1], result.stderr
+    with pytest.raises(SystemExit) as stop:
+        pure.main(["--prm", str(tmp_path / "prm"), "--runs-dir", str(tmp_path / "runs")])
+    assert "do not fit the PRM's context of 64 tokens" in str(stop.value.code)
     assert not (tmp_path / "runs").exists()
