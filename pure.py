@@ -554,13 +554,14 @@ def main(argv=None):
     if history:  # empty when resuming a run that had already finished
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
                       args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
-    # ALGO LOGIC: PURE's end-of-run lines: what the PRM saw beside what the verifier saw.
+    # ALGO LOGIC: PURE's end-of-run lines: what the PRM saw, beside the verifier's "sampled reward" above.
     if history:
         first, last = history[:10], history[-10:]
-        for key, label in (("prm_step_score", "PRM step score"), ("prm_min_score", "PRM minimum per response"),
-                           ("steps_per_response", "steps per response"), ("reward_mean", "verifier accuracy (samples)")):
+        for key, label in (("prm_step_score", "PRM step score"), ("prm_min_score", "PRM min per response"),
+                           ("prm_sum_score", "PRM sum per response"), ("steps_per_response", "steps per response")):
             before, after = (sum(m[key] for m in part) / len(part) for part in (first, last))
             print(f"  {label:<26} {before:.3f} (first {len(first)} steps) -> {after:.3f} (last {len(last)})")
+        print("=" * 72)
     # ALGO LOGIC END
 
 

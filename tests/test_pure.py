@@ -470,7 +470,7 @@ def test_short_run_with_the_toy_prm_and_kl_in_the_reward_logs_what_the_prm_saw(t
         assert 0 <= m["min_before_last_fraction"] <= 1 and 0 <= m["verifiable_prompts"] <= 1
         assert m["kl"] is None  # no KL loss; the KL is inside the reward
     assert metrics[-1]["eval_accuracy"] is not None
-    assert "PRM step score" in result.stdout and "steps per response" in result.stdout
+    assert "PRM min per response" in result.stdout and "steps per response" in result.stdout
 
 
 def test_short_run_with_a_trained_prm_folder_and_the_exact_min_form(tmp_path, tiny_prm_dir):
