@@ -23,13 +23,11 @@ from tqdm import tqdm
 
 from common import UsageError
 from common.cli import parse_args
-from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
-from common.evaluation import Evaluator, eval_run_name
+from common.evaluation import eval_run_name
 from common.model import default_device, load_model, load_tokenizer
 from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
-from common.verify import score_batch
 # ALGO LOGIC: an agent's tasks are environments, played an episode at a time (common/envs.py).
 import difflib
 

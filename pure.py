@@ -26,13 +26,16 @@ from tqdm import tqdm
 
 from common import UsageError
 from common.cli import parse_args
-from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
-from common.evaluation import Evaluator, eval_run_name
+from common.evaluation import eval_run_name
 from common.model import default_device, load_model, load_tokenizer
 from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
+# ALGO LOGIC: the task: math problems from data sets, scored by math-verify, evaluated by pass@k.
+from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
+from common.evaluation import Evaluator
 from common.verify import score_batch
+# ALGO LOGIC END
 # ALGO LOGIC: the process reward model and the step splitting it reads.
 from common.prm import PRM_TEMPLATES, ToyArithmeticPRM, load_discriminative_prm, split_into_steps
 # ALGO LOGIC END
