@@ -58,7 +58,7 @@ class Args:
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})
     total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)"})
     num_prompts: int = field(default=16, metadata={"help": "prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "G: sampled responses per prompt"})
+    group_size: int = field(default=4, metadata={"help": "G: sampled responses per prompt (paper: 4)"})
     max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)"})
@@ -67,8 +67,6 @@ class Args:
     num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)"})
     num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch"})
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
-    scale_by_std: bool = field(default=True, metadata={"help": "divide advantages by the group std (off: Dr.GRPO)"})
-    advantage_eps: float = field(default=1e-6, metadata={"help": "added to the group std (verl 1e-6, TRL 1e-4)"})
     clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
     clip_eps_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio (DAPO clip-higher: 0.28)"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound c for negative advantages (verl: 3; default: off)"})
@@ -78,7 +76,7 @@ class Args:
     shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute rewards within the batch"})
     prm_model: str | None = field(default=None, metadata={"help": "initial implicit PRM: alias, hub id or folder of a causal LM (default: --model, the policy's starting weights)"})
     prm_reference: str | None = field(default=None, metadata={"help": "frozen reference pi_ref of the PRM (default: --model); a released PRM needs the model it was trained against"})
-    prm_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the PRM (paper: 1e-6 for 7B)"})
+    prm_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the PRM (paper: 1e-6 for 7B)"})
     prm_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the PRM's learning rate, then constant (authors: none)"})
     prm_max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm of the PRM (authors' run script: 10)"})
     prm_beta: float = field(default=0.05, metadata={"help": "beta of the PRM loss BCE(sigmoid(beta * sum_t q_t), r_o); it never reaches the advantages"})
@@ -132,6 +130,21 @@ def prm_accuracy(q: torch.Tensor, mask: torch.Tensor, outcomes: torch.Tensor, be
     """Share of responses where the PRM's verdict sigmoid(beta sum_t q_t) > 0.5 agrees with the verifier."""
     predicted_correct = torch.sigmoid(beta * (q * mask).sum(dim=1)) > 0.5
     return (predicted_correct == (outcomes > 0.5)).float().mean().item()
+
+
+def prm_pairwise_accuracy(q: torch.Tensor, mask: torch.Tensor, outcomes: torch.Tensor, group_size: int) -> float | None:
+    """Share of (right, wrong) pairs of responses to the same prompt that the PRM orders right, by
+    sum_t q_t (a tie counts 1/2); None without such a pair. Only the order within a group reaches
+    the advantages, so this is the accuracy that matters for credit; the authors log it as `dpo_acc`
+    (averaged per group, an all-equal group counting 1/2)."""
+    scores = (q * mask).sum(dim=1).view(-1, group_size)
+    labels = outcomes.view(-1, group_size)
+    right_over_wrong = labels.unsqueeze(2) > labels.unsqueeze(1)  # [P, G, G]: response i right, j wrong
+    if not right_over_wrong.any():
+        return None
+    score_gap = scores.unsqueeze(2) - scores.unsqueeze(1)
+    agreement = (score_gap > 0).float() + 0.5 * (score_gap == 0).float()
+    return agreement[right_over_wrong].mean().item()
 
 
 def normalise_process_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -443,6 +456,7 @@ def update_prm(prm, prm_reference, prm_optimizer, prm_scheduler, batch, outcomes
                                    for rows in micro_batches])
     rewards = args.prm_beta * q_rewards[batch["mask"].bool()]  # the paper's r_t = beta * q_t
     return q_rewards, {"prm_loss": loss_total, "prm_accuracy": prm_accuracy(q_before, batch["mask"], outcomes, args.prm_beta),
+                       "prm_pairwise_accuracy": prm_pairwise_accuracy(q_before, batch["mask"], outcomes, args.group_size),
                        "prm_grad_norm": grad_norm.item(), "process_reward_mean": rewards.mean().item(),
                        "process_reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0}
 # ALGO LOGIC END
@@ -571,7 +585,8 @@ def main(argv=None):
         # Topped-up groups get 0 and stay out of the PRM's step.
         trained = trained_prompts.repeat_interleave(args.group_size).to(device)  # [B] bool
         advantages = torch.zeros_like(mask)  # [B, C]
-        prm_metrics = dict.fromkeys(("prm_loss", "prm_accuracy", "prm_grad_norm", "process_reward_mean", "process_reward_std"))
+        prm_metrics = dict.fromkeys(("prm_loss", "prm_accuracy", "prm_pairwise_accuracy", "prm_grad_norm", "process_reward_mean",
+                                     "process_reward_std"))
         if trained.any():
             policy.zero_grad(set_to_none=True)  # free the policy's last gradients: one model's at a time in memory
             prm_batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)[trained],
@@ -613,10 +628,11 @@ def main(argv=None):
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
                       args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
         # ALGO LOGIC: PRIME's summary lines: does the PRM learn to predict the verifier, and what did the filter keep.
-        measured = [m["prm_accuracy"] for m in history if m["prm_accuracy"] is not None]
-        if measured:
-            print(f"  {'PRM accuracy':<26} {sum(measured[:10]) / len(measured[:10]):.3f} (first {len(measured[:10])} steps) -> "
-                  f"{sum(measured[-10:]) / len(measured[-10:]):.3f} (last {len(measured[-10:])}), before each update")
+        for key, label in (("prm_accuracy", "PRM accuracy"), ("prm_pairwise_accuracy", "PRM pairwise accuracy")):
+            measured = [m[key] for m in history if m[key] is not None]
+            if measured:
+                print(f"  {label:<26} {sum(measured[:10]) / len(measured[:10]):.3f} (first {len(measured[:10])} steps) -> "
+                      f"{sum(measured[-10:]) / len(measured[-10:]):.3f} (last {len(measured[-10:])}), before each update")
         print(f"  {'prompt filter':<26} kept {100 * sum(m['filter_keep_rate'] for m in history) / len(history):.1f}% of drawn prompts, "
               f"{sum(m['filter_draws'] for m in history) / len(history):.2f} draws per step, "
               f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} steps short of {args.num_prompts} prompts")
