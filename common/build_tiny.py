@@ -48,10 +48,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def build_model(tokenizer) -> Qwen2ForCausalLM:
+def build_model(tokenizer, max_position_embeddings: int = 256) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
@@ -61,19 +61,36 @@ def build_model(tokenizer) -> Qwen2ForCausalLM:
 
 def supervised_batch(tokenizer, problems: list[dict], rng: random.Random):
     """Token ids, attention mask and labels (-100 on prompt and padding) for prompt + demonstration + EOS."""
-    prompts = [render_prompt(tokenizer, problem["question"], "chat") for problem in problems]
-    answers = [demonstration(problem, rng) + tokenizer.eos_token for problem in problems]
+    return demonstration_batch(tokenizer, [problem["question"] for problem in problems],
+                               [demonstration(problem, rng) for problem in problems])
+
+
+def demonstration_batch(tokenizer, questions: list[str], answers: list[str]):
+    """Token ids, attention mask and labels (-100 on prompt and padding) for chat prompt + answer + EOS."""
+    prompts = [render_prompt(tokenizer, question, "chat") for question in questions]
+    answers = [answer + tokenizer.eos_token for answer in answers]
     prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
     answer_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in answers]
     length = max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-    input_ids = torch.full((len(problems), length), tokenizer.pad_token_id)
-    labels = torch.full((len(problems), length), -100)
-    attention_mask = torch.zeros((len(problems), length), dtype=torch.long)
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id)
+    labels = torch.full((len(prompts), length), -100)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
         input_ids[row, :len(p) + len(a)] = torch.tensor(p + a)
         labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
         attention_mask[row, :len(p) + len(a)] = 1
     return input_ids, attention_mask, labels
+
+
+def supervised_step(model, optimizer, scheduler, input_ids, attention_mask, labels) -> torch.Tensor:
+    """One step of cross-entropy on the labelled tokens, gradients clipped to norm 1; returns the loss."""
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss
 
 
 def greedy_accuracy(model, tokenizer, problems: list[dict]) -> float:
@@ -109,13 +126,7 @@ def main():
     model.train()
     for step in range(1, args.max_steps + 1):
         problems = [train_problem(SFT_SEED, (step - 1) * args.batch_size + i) for i in range(args.batch_size)]
-        input_ids, attention_mask, labels = supervised_batch(tokenizer, problems, demo_rng)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss = supervised_step(model, optimizer, scheduler, *supervised_batch(tokenizer, problems, demo_rng))
         if step % args.eval_every == 0:
             accuracy = greedy_accuracy(model, tokenizer, validation)
             print(f"step {step}: loss {loss.item():.4f}, validation greedy accuracy {accuracy:.3f}, {time.time() - start:.0f}s")

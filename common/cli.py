@@ -2,7 +2,7 @@
 
 Each field becomes a flag (`total_steps` -> `--total-steps`) whose help is the field's `help`
 metadata followed by its default; a field with `choices` metadata lists them and rejects
-anything else. transformers' `HfArgumentParser` does the dataclass part too, but not the rest
+anything else, and one with `min` metadata rejects smaller values. transformers' `HfArgumentParser` does the dataclass part too, but not the rest
 of what a trainer needs, so this helper stays:
 - tri-state switches (`bool | None`, default "decide at run time") as `--x` / `--no-x`;
   HfArgumentParser turns them into flags that demand a value;
@@ -62,4 +62,7 @@ def parse_args(args_class, argv=None, description: str = ""):
         choices, value = field.metadata.get("choices"), getattr(args, field.name)
         if choices and value is not None and value not in choices:
             raise UsageError(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+        low = field.metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise UsageError(f"--{field.name.replace('_', '-')} must be {'positive' if low == 1 else f'{low} or more'} (got {value})")
     return args

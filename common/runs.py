@@ -151,6 +151,8 @@ def print_summary(header: str, history: list[dict], batch_size: int, eval_name: 
     def mean(key, steps):
         return sum(m[key] for m in steps) / max(len(steps), 1)
     first, last = history[:10], history[-10:]
+    synced = [m for m in history if m.get("time_sync") is not None]  # a vLLM engine's steps
+    checked = [m for m in synced if m["sampler_logp_diff"] is not None]
     lines = {
         "held-out greedy accuracy": f"{initial_accuracy:.3f} -> {final_accuracy:.3f} "
                                     f"({100 * (final_accuracy - initial_accuracy):+.1f} points on {eval_name})",
@@ -159,7 +161,10 @@ def print_summary(header: str, history: list[dict], batch_size: int, eval_name: 
         "response length": f"{mean('response_length', history):.1f} tokens, {100 * mean('truncated_fraction', history):.1f}% truncated",
         "zero-advantage sequences": f"{100 * mean('skipped_sequences', history) / batch_size:.1f}% (skipped in training)",
         "time per step": f"{mean('time_step', history):.2f}s: generate {mean('time_generate', history):.2f}s, "
-                         f"score {mean('time_score', history):.3f}s, train {mean('time_train', history):.2f}s",
+                         f"score {mean('time_score', history):.3f}s, train {mean('time_train', history):.2f}s"
+                         + (f", vLLM weight sync {mean('time_sync', synced):.3f}s" if synced else ""),
+        **({"vLLM log-probs vs trainer": f"{mean('sampler_logp_diff', checked):.2g} nats per token on average, at most "
+                                         f"{max(m['sampler_logp_diff'] for m in checked):.2g}"} if checked else {}),
         **(method_lines or {}),
         "wall time": f"{elapsed:.0f}s with evaluations",
         "run folder": str(run_dir),

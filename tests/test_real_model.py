@@ -128,10 +128,12 @@ def test_one_update_moves_log_probs_the_way_the_advantages_point(real_model_dir,
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    metrics = update_policy(model, None, optimizer, scheduler, batch, args)
+    metrics, old_logp = update_policy(model, None, optimizer, scheduler, batch, args)
     after = sequence_logprobs()
     assert metrics["skipped_sequences"] == 0 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert after[0] > before[0] and after[1] < before[1]
+    # pi_old, returned for the rollout engine's check, is the policy before the update
+    assert torch.allclose((old_logp * batch["mask"]).sum(dim=1), before, atol=1e-4)
 
 
 def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(real_model_dir, monkeypatch, tmp_path):

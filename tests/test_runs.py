@@ -39,6 +39,8 @@ def test_help_shows_every_flags_default_and_the_allowed_values():
     (["--kl-estimator", "k4"], "--kl-estimator must be one of k1, k2, k3 (got 'k4')"),
     (["--total-steps", "many"], "argument --total-steps: invalid int value: 'many'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--num-prompts", "0"], "--num-prompts must be positive (got 0)"),
+    (["--eval-size", "-1"], "--eval-size must be 0 or more (got -1)"),
 ])
 def test_command_line_mistakes_are_one_line_usage_errors(argv, message):
     with pytest.raises(UsageError) as error:
