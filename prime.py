@@ -27,7 +27,7 @@ from common.cli import parse_args
 from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
 from common.evaluation import Evaluator, eval_run_name
 from common.model import default_device, load_model, load_tokenizer
-from common.rollout import check_prompts_fit, generate
+from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
 from common.verify import score_batch
@@ -56,17 +56,17 @@ class Args:
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})
-    total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)"})
-    num_prompts: int = field(default=16, metadata={"help": "prompts per step"})
+    total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)", "min": 1})
+    num_prompts: int = field(default=16, metadata={"help": "prompts per step", "min": 1})
     group_size: int = field(default=4, metadata={"help": "G: sampled responses per prompt (paper: 4)"})
-    max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens"})
+    max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)"})
-    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)", "min": 1})
+    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch", "min": 1})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)", "min": 1})
     clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
     clip_eps_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio (DAPO clip-higher: 0.28)"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound c for negative advantages (verl: 3; default: off)"})
@@ -84,10 +84,10 @@ class Args:
     process_baseline: str = field(default="code", metadata={"help": "leave-one-out baseline of the process rewards as the authors' code computes it, or as the paper words it", "choices": PROCESS_BASELINES})
     accuracy_lower_bound: float = field(default=0.2, metadata={"help": "filter: keep prompts whose sampled accuracy is at least this (paper: 0.2)"})
     accuracy_upper_bound: float = field(default=0.8, metadata={"help": "filter: keep prompts whose sampled accuracy is at most this (paper: 0.8)"})
-    max_extra_draws: int = field(default=2, metadata={"help": "filter: most extra draws of prompts per step while fewer than --num-prompts are kept"})
+    max_extra_draws: int = field(default=2, metadata={"help": "filter: most extra draws of prompts per step while fewer than --num-prompts are kept", "min": 0})
     eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
-    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)"})
-    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)"})
+    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)", "min": 0})
+    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)", "min": 0})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model on --eval-dataset, then exit"})
     eval_batch_size: int = field(default=250, metadata={"help": "prompts per evaluation generate call"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
@@ -98,6 +98,11 @@ class Args:
     dtype: str | None = field(default=None, metadata={"help": "weights' dtype (default: bf16 on GPU, fp32 on CPU)", "choices": ("float32", "bfloat16", "float16")})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
+    rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of the GPU vLLM holds while it samples: its weights, activations and KV cache"})
+    vllm_sleep_mode: bool | None = field(default=None, metadata={"help": "vLLM frees its GPU memory while the trainer trains, and is re-synced on waking (default: on with CUDA)"})
+    sync_check_threshold: float | None = field(default=None, metadata={"help": "stop when vLLM's log-probs differ from the trainer's by more, in nats per token (default: 1e-3 in float32, 0.2 in bfloat16)"})
+    tis_cap: float | None = field(default=None, metadata={"help": "C: weigh each token by min(pi_trainer / pi_vllm, C), truncated importance sampling (TRL: 2-3; default: off, as verl)"})
     track: bool = field(default=False, metadata={"help": "also send every metrics line to an experiment tracker"})
     tracker: str = field(default="trackio", metadata={"help": "trackio (local, offline) or wandb", "choices": TRACKERS})
     track_project: str = field(default="cleancredit", metadata={"help": "the tracker's project; the run is named after the run folder"})
@@ -300,24 +305,19 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
 
 # Plumbing: start-up checks, log-probs, the update. The rest is in common/.
 def check_args(args: Args):
-    """Fail at start-up, in one line, on arguments that cannot work."""
+    """Fail at start-up, in one line, on arguments that cannot work (the command line checked each
+    flag's allowed values and minimum already)."""
     batch_size = args.num_prompts * args.group_size
-    minibatch_size = batch_size // max(args.num_minibatches, 1)
+    minibatch_size = batch_size // args.num_minibatches
     problems = [
         (args.group_size < 2, f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
-        (args.num_prompts < 1 or args.total_steps < 1, "--num-prompts and --total-steps must be positive"),
-        (args.max_new_tokens < 1, f"--max-new-tokens must be positive (got {args.max_new_tokens})"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
-        (args.num_epochs < 1 or args.micro_batch_size < 1, "--num-epochs and --micro-batch-size must be positive"),
-        (args.eval_size < 0 or args.eval_samples < 0, "--eval-size and --eval-samples must be 0 or more"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches,
-         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
+        (batch_size % args.num_minibatches, f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
         (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
          f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of {minibatch_size} sequences"),
         # ALGO LOGIC: PRIME's settings.
         (not 0 <= args.accuracy_lower_bound <= args.accuracy_upper_bound <= 1,
          f"--accuracy-lower-bound ({args.accuracy_lower_bound}) and --accuracy-upper-bound ({args.accuracy_upper_bound}) must satisfy 0 <= lower <= upper <= 1"),
-        (args.max_extra_draws < 0, f"--max-extra-draws must be 0 or more (got {args.max_extra_draws})"),
         (args.prm_learning_rate <= 0 or args.prm_beta <= 0, "--prm-learning-rate and --prm-beta must be positive"),
         # ALGO LOGIC END
     ]
@@ -384,15 +384,15 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
 
 
 def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
-    """num_epochs passes over the batch, num_minibatches optimizer steps each. Returns step metrics.
+    """num_epochs passes over the batch, num_minibatches optimizer steps each.
 
     `batch`: input_ids and attention_mask [B, P + C] (prompt and completion), mask and advantages
-    [B, C] (completion tokens only).
+    [B, C] (completion tokens only). Returns the step metrics and pi_old [B, C], the log-probs
+    before the update (NaN on sequences left out), against which the rollout engine is checked.
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    has_signal = (batch["advantages"] != 0).any(dim=1)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero(has_signal).flatten().cpu()
+    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -409,12 +409,13 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             totals = {key: totals[key] + stats[key] for key in totals}
+    policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
             "clip_fraction": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens if totals["tokens"] else None,
-            "skipped_sequences": size - len(trained)}
+            "skipped_sequences": size - len(trained)}, old_logp
 # ALGO LOGIC: the implicit PRM's step: process rewards and one update on the outcome labels.
 
 
@@ -470,14 +471,14 @@ def main(argv=None):
         device = args.device or default_device()
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
+        # ALGO LOGIC: the training problems and the held-out sets. The filter's extra prompts come from a second
+        # walk over the training problems, seeded -1 - seed: a walk no run with a seed of 0 or more trains on.
         train_stream = None if args.eval_only else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
-        # ALGO LOGIC: the filter's extra prompts come from a second walk over the training problems, seeded
-        # -1 - seed: a walk no run with a seed of 0 or more trains on.
         reserve_stream = (None if args.eval_only or not args.max_extra_draws else
                           ProblemStream(args.dataset, -1 - args.seed, args.prompt_key, args.answer_key))
-        # ALGO LOGIC END
         eval_sets = {name: load_eval_problems(name, args.eval_size, args.prompt_key, args.answer_key, args.data_dir)
                      for name in args.eval_dataset.split(",")}
+        # ALGO LOGIC END
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
@@ -486,23 +487,25 @@ def main(argv=None):
             if load_tokenizer(name, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
                 raise UsageError(f"{name} has another tokenizer than the policy; a PRM must score the policy's own tokens")
         # ALGO LOGIC END
-        # Checkpointing trades about a third more compute for activations a 1.5B-7B model cannot hold
-        # otherwise; the CPU-sized default model needs no such trade.
-        gradient_checkpointing = device.startswith("cuda") if args.gradient_checkpointing is None else args.gradient_checkpointing
-        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, gradient_checkpointing)
+        policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
         policy.train()
         # Every prompt this run will render, training and held-out, must leave room for a full response.
         training = {} if args.eval_only else {args.dataset: train_stream.problems or [
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
-        check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
-        ref_model = None
-        if args.kl_coef > 0:  # the reference is the starting model, frozen
-            ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False)
-        evaluate = Evaluator(tokenizer, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
+        longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
+        # The reference is the starting model, frozen; with no KL term it is not even loaded.
+        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False) if args.kl_coef > 0 else None
+        engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
+                                     batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
+                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
+        # ALGO LOGIC: held-out evaluation: greedy pass@1 (and mean@k, pass@k) by the verifier.
+        evaluate = Evaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                              args.eval_samples, args.temperature)
+        # ALGO LOGIC END
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
-            return evaluate.run_only(policy, RunLog(run_dir, args, None, tracker, args.track_project), args.model)
+            return evaluate.run_only(RunLog(run_dir, args, None, tracker, args.track_project), args.model)
 
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
@@ -511,7 +514,7 @@ def main(argv=None):
         # starting weights. Its reference, frozen: --prm-reference or the starting model, never the checkpoint
         # (shared with the KL term when that is on).
         prm = load_model(str(checkpoint / "prm") if checkpoint else args.prm_model or args.model, device, args.dtype,
-                         args.trust_remote_code, gradient_checkpointing)
+                         args.trust_remote_code, args.gradient_checkpointing)
         prm.train()
         reference_name = args.prm_reference or args.model
         prm_reference = (ref_model if ref_model is not None and reference_name == args.model else
@@ -528,7 +531,7 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate(policy)
+    eval_results = evaluate()
     eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
     print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
     batch_size = args.num_prompts * args.group_size
@@ -536,39 +539,33 @@ def main(argv=None):
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
     for step in progress:
         step_start = time.time()
+        # ALGO LOGIC: sample G responses to each prompt and score them with the verifier (reward 1 or 0), then the
+        # prompt filter (the authors' `filter`): keep prompts whose sampled accuracy lies in [--accuracy-lower-bound,
+        # --accuracy-upper-bound]. While fewer than --num-prompts are kept, sample more of the reserve's prompts, at
+        # most --max-extra-draws times, about as many as are missing at the keep rate so far (each step has its own
+        # places in the reserve, so a resumed run draws the same ones); then fill_batch picks the batch. Every draw
+        # samples from the same policy, before its update, so one engine check and sync after the update covers them.
         problems = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
-        prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
-        rollout = generate(policy, tokenizer, [prompt for prompt in prompts for _ in range(args.group_size)],
-                           args.max_new_tokens, args.temperature)
-        generate_time = time.time() - step_start
-
-        score_start = time.time()
-        answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
-        rewards = torch.tensor(score_batch(rollout.texts, answers), device=device).view(args.num_prompts, args.group_size)
-        score_time = time.time() - score_start
-        # ALGO LOGIC: the prompt filter (the authors' `filter`): keep prompts whose sampled accuracy lies in
-        # [--accuracy-lower-bound, --accuracy-upper-bound]. While fewer than --num-prompts are kept, sample more
-        # of the reserve's prompts, at most --max-extra-draws times, about as many as are missing at the keep
-        # rate so far (each step has its own places in the reserve, so a resumed run draws the same ones);
-        # then fill_batch picks the batch.
-        draws, drawn_rewards = [rollout], [rewards]
-        in_band = prompts_in_band(rewards, args.accuracy_lower_bound, args.accuracy_upper_bound)
-        while in_band.sum() < args.num_prompts and len(draws) <= args.max_extra_draws:
-            kept = int(in_band.sum())
-            count = min(args.num_prompts, math.ceil((args.num_prompts - kept) * len(in_band) / kept)) if kept else args.num_prompts
-            first = ((step - 1) * args.max_extra_draws + len(draws) - 1) * args.num_prompts
-            extra = [reserve_stream[first + i] for i in range(count)]
-            draw_start = time.time()
-            draws.append(generate(policy, tokenizer, [render_prompt(tokenizer, problem["question"], args.template)
-                                                      for problem in extra for _ in range(args.group_size)],
-                                  args.max_new_tokens, args.temperature))
-            score_start = time.time()
-            extra_answers = [problem["answer"] for problem in extra for _ in range(args.group_size)]
-            drawn_rewards.append(torch.tensor(score_batch(draws[-1].texts, extra_answers), device=device).view(count, args.group_size))
-            generate_time += score_start - draw_start
-            score_time += time.time() - score_start
-            in_band = torch.cat([in_band, prompts_in_band(drawn_rewards[-1], args.accuracy_lower_bound, args.accuracy_upper_bound)])
-        groups, trained_prompts = fill_batch(in_band.cpu(), args.num_prompts)
+        draws, drawn_rewards, in_band = [], [], torch.zeros(0, dtype=torch.bool)
+        generate_time = score_time = 0.0
+        with engine.awake():  # a vLLM engine that sleeps between rollouts wakes once for all of a step's draws
+            while len(draws) <= args.max_extra_draws and (not draws or in_band.sum() < args.num_prompts):
+                if draws:
+                    kept = int(in_band.sum())
+                    count = min(args.num_prompts, math.ceil((args.num_prompts - kept) * len(in_band) / kept)) if kept else args.num_prompts
+                    first = ((step - 1) * args.max_extra_draws + len(draws) - 1) * args.num_prompts
+                    problems = [reserve_stream[first + i] for i in range(count)]
+                draw_start = time.time()
+                prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
+                draws.append(engine.generate([prompt for prompt in prompts for _ in range(args.group_size)],
+                                             args.max_new_tokens, args.temperature))
+                score_start = time.time()
+                answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
+                drawn_rewards.append(torch.tensor(score_batch(draws[-1].texts, answers), device=device).view(len(problems), args.group_size))
+                generate_time += score_start - draw_start
+                score_time += time.time() - score_start
+                in_band = torch.cat([in_band, prompts_in_band(drawn_rewards[-1], args.accuracy_lower_bound, args.accuracy_upper_bound).cpu()])
+        groups, trained_prompts = fill_batch(in_band, args.num_prompts)
         rollout = select_rollout(concat_rollouts(draws, tokenizer.pad_token_id),
                                  [group * args.group_size + member for group in groups.tolist() for member in range(args.group_size)])
         rewards = torch.cat(drawn_rewards)[groups.to(device)]
@@ -588,7 +585,6 @@ def main(argv=None):
         prm_metrics = dict.fromkeys(("prm_loss", "prm_accuracy", "prm_pairwise_accuracy", "prm_grad_norm", "process_reward_mean",
                                      "process_reward_std"))
         if trained.any():
-            policy.zero_grad(set_to_none=True)  # free the policy's last gradients: one model's at a time in memory
             prm_batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)[trained],
                          "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)[trained],
                          "mask": mask[trained]}
@@ -600,18 +596,22 @@ def main(argv=None):
         batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
                  "mask": mask, "advantages": advantages}
-        update = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+        if args.tis_cap is not None:  # correct for the sampler not being exactly the policy (one more forward pass)
+            batch["advantages"] = batch["advantages"] * truncated_importance_weights(
+                frozen_logprobs(policy, batch, args), rollout.logprobs, args.tis_cap)
+        update, old_logp = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
         train_time = time.time() - train_start
+        update |= engine.check_and_sync(rollout, old_logp)  # stops the run if vLLM did not sample from the policy
 
         completion_tokens = rollout.completion_mask.sum().item()
         step_time = time.time() - step_start
         evaluated = (args.eval_every and step % args.eval_every == 0) or step == args.total_steps
         if evaluated:
-            eval_results = evaluate(policy)
+            eval_results = evaluate()
             eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
                    "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
-                   "response_length": completion_tokens / batch_size, "truncated_fraction": rollout.truncated.float().mean().item(),
+                   "response_length": completion_tokens / len(rollout.texts), "truncated_fraction": rollout.truncated.float().mean().item(),
                    "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
                    "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}
         # ALGO LOGIC: PRIME's metrics: the filter's, and the PRM's (its accuracy from before its update).
@@ -625,17 +625,20 @@ def main(argv=None):
 
     run_log.close()
     if history:  # empty when resuming a run that had already finished
-        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
-        # ALGO LOGIC: PRIME's summary lines: does the PRM learn to predict the verifier, and what did the filter keep.
+        # ALGO LOGIC: the end-of-run summary, with PRIME's lines: does the PRM learn to predict the verifier (its
+        # accuracy on each step's responses before it trains on them), and what did the filter keep.
+        prime_lines = {}
         for key, label in (("prm_accuracy", "PRM accuracy"), ("prm_pairwise_accuracy", "PRM pairwise accuracy")):
             measured = [m[key] for m in history if m[key] is not None]
             if measured:
-                print(f"  {label:<26} {sum(measured[:10]) / len(measured[:10]):.3f} (first {len(measured[:10])} steps) -> "
-                      f"{sum(measured[-10:]) / len(measured[-10:]):.3f} (last {len(measured[-10:])}), before each update")
-        print(f"  {'prompt filter':<26} kept {100 * sum(m['filter_keep_rate'] for m in history) / len(history):.1f}% of drawn prompts, "
-              f"{sum(m['filter_draws'] for m in history) / len(history):.2f} draws per step, "
-              f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} steps short of {args.num_prompts} prompts")
+                prime_lines[label] = (f"{sum(measured[:10]) / len(measured[:10]):.3f} (first {len(measured[:10])} steps) -> "
+                                      f"{sum(measured[-10:]) / len(measured[-10:]):.3f} (last {len(measured[-10:])}), before each update")
+        prime_lines["prompt filter"] = (f"kept {100 * sum(m['filter_keep_rate'] for m in history) / len(history):.1f}% of drawn prompts, "
+                                        f"{sum(m['filter_draws'] for m in history) / len(history):.2f} draws per step, "
+                                        f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} steps short of {args.num_prompts} prompts")
+        print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
+                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
+                      prime_lines)
         # ALGO LOGIC END
 
 
