@@ -11,11 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.data import render_prompt
-from common.model import load_model, load_tokenizer
-from common.rollout import generate
 from grpo import Args, completion_logprobs, policy_gradient_pass
-from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer
+from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer, sampled_tiny_batch
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
@@ -25,16 +22,10 @@ SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8
 
 @pytest.fixture(scope="module")
 def sampled_batch():
-    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
-    torch.manual_seed(0)
-    prompts = [render_prompt(tokenizer, q, "chat") for q in ("Compute 12+34.", "Compute 99-10+11-40.")]
-    rollout = generate(policy, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=48)
-    batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
-             "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
-             "mask": rollout.completion_mask.float(),
-             # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
-             # Per token [B, C], as the trainer hands them to the loss: the response's value on its tokens.
-             "advantages": torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]).view(-1, 1) * rollout.completion_mask}
+    policy, batch = sampled_tiny_batch()
+    # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
+    # Per token [B, C], as the trainer hands them to the loss: the response's value on its tokens.
+    batch["advantages"] = torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]).view(-1, 1) * batch["mask"]
     return policy, batch
 
 

@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import prime
-from common.data import DEFAULT_DATA_DIR, render_prompt
-from common.model import load_model, load_tokenizer, resolve_model
-from common.rollout import generate
-from grpo_runs import read_metrics, run_trainer
+from common.data import DEFAULT_DATA_DIR
+from common.model import load_model, resolve_model
+from grpo_runs import read_metrics, run_trainer, sampled_tiny_batch
 from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, implicit_process_rewards,
                    leave_one_out_outcome_rewards, leave_one_out_process_rewards, normalise_process_rewards,
                    prime_advantages, prm_accuracy, prm_pairwise_accuracy, prompts_in_band, returns_to_go, update_prm, whiten)
@@ -213,13 +212,7 @@ def test_prm_pairwise_accuracy_counts_right_over_wrong_pairs_within_groups():
 
 @pytest.fixture(scope="module")
 def prm_batch():
-    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
-    torch.manual_seed(0)
-    prompts = [render_prompt(tokenizer, q, "chat") for q in ("Compute 12+34.", "Compute 99-10+11-40.")]
-    rollout = generate(policy, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=48)
-    batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
-             "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
-             "mask": rollout.completion_mask.float()}
+    _, batch = sampled_tiny_batch()
     return batch, torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
 
 
