@@ -29,6 +29,7 @@ from common.data import render_prompt
 from common.envs import KEYDOOR, EpisodeEvaluator, agent_prompt, describe_task
 from common.keydoor import KeyDoorEnv, expert_action, train_seed
 from common.model import TINY_AGENT_MODEL_DIR, load_tokenizer
+from common.rollout import TransformersEngine
 
 SFT_SEED = 0  # seed of the demonstration layouts, apart from the RL training seeds (1, 2, 3, ...)
 VALIDATION_SEED = -1
@@ -105,7 +106,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     validation = {"validation": [describe_task(KEYDOOR, train_seed(VALIDATION_SEED, i)) for i in range(VALIDATION_SIZE)]}
-    evaluate = EpisodeEvaluator(tokenizer, validation, "chat", 16, 250, 1, 1.0, MAX_TURNS, HISTORY_LENGTH, 0.1)
+    evaluate = EpisodeEvaluator(TransformersEngine(model, tokenizer), validation, "chat", 16, 250, 1, 1.0, MAX_TURNS, HISTORY_LENGTH, 0.1)
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):
@@ -113,7 +114,7 @@ def main():
         loss = supervised_step(model, optimizer, scheduler, *demonstration_batch(
             tokenizer, [prompt for prompt, _ in batch], [response for _, response in batch]))
         if step % EVAL_EVERY == 0 or step == args.steps:
-            results = evaluate(model)["validation"]
+            results = evaluate()["validation"]
             print(f"step {step}: loss {loss.item():.4f}, validation success greedy {results['pass@1']:.3f}, "
                   f"sampled {results['mean@1']:.3f}, {time.time() - start:.0f}s")
     model.save_pretrained(args.out)
