@@ -61,7 +61,7 @@ class Args:
     group_size: int = field(default=4, metadata={"help": "G: sampled responses per prompt (paper: 4)"})
     max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the policy (tiny model: 2e-4; paper: 5e-7 for 7B)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)", "min": 1})
