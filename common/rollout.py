@@ -130,6 +130,50 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
                    truncated, texts, logprobs)
 
 
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """The rows of several `generate` calls as one Rollout, in order.
+
+    Each call pads to its own longest prompt and completion, so prompts are padded again on the
+    left and completions on the right to the longest of all; masks are 0 on the new padding.
+    """
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    completion_width = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def padded(tensor, width, value, left):
+        missing = width - tensor.shape[1]
+        return torch.nn.functional.pad(tensor, (missing, 0) if left else (0, missing), value=value)
+
+    with_logprobs = all(r.logprobs is not None for r in rollouts)
+    return Rollout(
+        prompt_ids=torch.cat([padded(r.prompt_ids, prompt_width, pad_token_id, True) for r in rollouts]),
+        prompt_mask=torch.cat([padded(r.prompt_mask, prompt_width, 0, True) for r in rollouts]),
+        completion_ids=torch.cat([padded(r.completion_ids, completion_width, pad_token_id, False) for r in rollouts]),
+        completion_mask=torch.cat([padded(r.completion_mask, completion_width, 0, False) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        texts=[text for r in rollouts for text in r.texts],
+        logprobs=torch.cat([padded(r.logprobs, completion_width, 0.0, False) for r in rollouts]) if with_logprobs else None,
+    )
+
+
+def select_rollout(rollout: Rollout, rows: list[int]) -> Rollout:
+    """The rows `rows` of a Rollout, in that order, without the columns that are padding in all of them
+    (a dropped long prompt or completion leaves only padding behind, which would cost compute)."""
+    index = torch.tensor(rows, dtype=torch.long, device=rollout.prompt_ids.device)
+    prompt_mask, completion_mask = rollout.prompt_mask[index], rollout.completion_mask[index]
+    first_prompt_column = int(prompt_mask.any(dim=0).long().argmax()) if len(rows) else 0
+    used_completion_columns = completion_mask.any(dim=0).nonzero()
+    completion_width = int(used_completion_columns.max()) + 1 if len(used_completion_columns) else 0
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[index, first_prompt_column:],
+        prompt_mask=prompt_mask[:, first_prompt_column:],
+        completion_ids=rollout.completion_ids[index, :completion_width],
+        completion_mask=completion_mask[:, :completion_width],
+        truncated=rollout.truncated[index],
+        texts=[rollout.texts[row] for row in rows],
+        logprobs=rollout.logprobs[index, :completion_width] if rollout.logprobs is not None else None,
+    )
+
+
 def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
     """Per-token weights [B, C] correcting for a sampler that is not exactly the policy (TIS).
 

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.data import DEFAULT_DATA_DIR
+import torch
+
+from common.data import DEFAULT_DATA_DIR, render_prompt
+from common.model import load_model, load_tokenizer
+from common.rollout import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest run that trains the real test model (SmolLM2-135M, slow on CPU) on GSM8K problems.
@@ -28,3 +32,15 @@ def run_grpo(*flags, timeout=240, env=None):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def sampled_tiny_batch():
+    """The tiny model and a batch it sampled (seed 0): 2 arithmetic prompts x 4 responses of up to 48
+    tokens, as the trainers hand it to their passes: input_ids and attention_mask [8, P + C], mask [8, C]."""
+    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
+    torch.manual_seed(0)
+    prompts = [render_prompt(tokenizer, q, "chat") for q in ("Compute 12+34.", "Compute 99-10+11-40.")]
+    rollout = generate(policy, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=48)
+    return policy, {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
+                    "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
+                    "mask": rollout.completion_mask.float()}

@@ -11,11 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.data import render_prompt
-from common.model import load_model, load_tokenizer
-from common.rollout import generate
 from grpo import Args, completion_logprobs, policy_gradient_pass
-from grpo_runs import ROOT, read_metrics, run_grpo
+from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer, sampled_tiny_batch
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
@@ -25,16 +22,10 @@ SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8
 
 @pytest.fixture(scope="module")
 def sampled_batch():
-    policy, tokenizer = load_model("tiny", "cpu"), load_tokenizer("tiny")
-    torch.manual_seed(0)
-    prompts = [render_prompt(tokenizer, q, "chat") for q in ("Compute 12+34.", "Compute 99-10+11-40.")]
-    rollout = generate(policy, tokenizer, [p for p in prompts for _ in range(4)], max_new_tokens=48)
-    batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
-             "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
-             "mask": rollout.completion_mask.float(),
-             # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
-             # Per token [B, C], as the trainer hands them to the loss: the response's value on its tokens.
-             "advantages": torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]).view(-1, 1) * rollout.completion_mask}
+    policy, batch = sampled_tiny_batch()
+    # Second group all-equal (zero advantage), first group mixed; one zero inside it too.
+    # Per token [B, C], as the trainer hands them to the loss: the response's value on its tokens.
+    batch["advantages"] = torch.tensor([1.5, -0.5, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]).view(-1, 1) * batch["mask"]
     return policy, batch
 
 
@@ -99,14 +90,19 @@ def test_memory_switches_of_large_models_also_run_on_a_cpu(tmp_path):
     assert config["dtype"] == "bfloat16" and config["use_cache"] is False  # use_cache: checkpointing was on
 
 
-def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
+# Each trainer's own state beside the policy's: prime.py's PRM, its optimizer and the prompt filter.
+@pytest.mark.parametrize("script, method_keys", [
+    ("grpo.py", ()),
+    ("prime.py", ("prm_loss", "prm_accuracy", "process_reward_std", "filter_keep_rate", "filter_draws")),
+])
+def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path, script, method_keys):
     flags = [*SHORT_RUN, "--total-steps", "6", "--save-every", "2"]
-    reference = run_grpo(*flags, "--runs-dir", str(tmp_path / "reference"))
+    reference = run_trainer(script, *flags, "--runs-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-2000:]
     [reference_dir] = (tmp_path / "reference").iterdir()
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "grpo.py", *flags, "--runs-dir", str(tmp_path / "killed")],
+    process = subprocess.Popen([sys.executable, script, *flags, "--runs-dir", str(tmp_path / "killed")],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not list((tmp_path / "killed").glob("*/checkpoints/step_2")):
@@ -117,12 +113,12 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path):
     [killed_dir] = (tmp_path / "killed").iterdir()
     assert not (killed_dir / "checkpoints" / "step_6").exists(), "the run finished before it was killed"
 
-    resumed = run_grpo("--resume", str(killed_dir))
+    resumed = run_trainer(script, "--resume", str(killed_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = read_metrics(reference_dir), read_metrics(killed_dir)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
     for before, after in zip(expected, got):
-        for key in ("reward_mean", "loss", "response_length", "eval_accuracy", "skipped_sequences"):
+        for key in ("reward_mean", "loss", "response_length", "eval_accuracy", "skipped_sequences", *method_keys):
             assert before[key] == pytest.approx(after[key], abs=1e-6), (before["step"], key)
 
 
