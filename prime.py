@@ -638,7 +638,7 @@ def main(argv=None):
                                       f"{sum(measured[-10:]) / len(measured[-10:]):.3f} (last {len(measured[-10:])}), before each update")
         prime_lines["prompt filter"] = (f"kept {100 * sum(m['filter_keep_rate'] for m in history) / len(history):.1f}% of drawn prompts, "
                                         f"{sum(m['filter_draws'] for m in history) / len(history):.2f} draws per step, "
-                                        f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} steps short of {args.num_prompts} prompts")
+                                        f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} of {len(history)} steps short of {args.num_prompts} prompts")
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
                       args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
                       prime_lines)

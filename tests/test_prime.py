@@ -333,7 +333,7 @@ def test_a_band_nothing_can_reach_draws_a_bounded_number_of_times_and_trains_not
     checkpoint = run_dir / "checkpoints" / "step_2"
     for weights in (load_file(str(checkpoint / "model.safetensors")), load_file(str(checkpoint / "prm" / "model.safetensors"))):
         assert all(torch.equal(weights[k], start[k]) for k in start)
-    assert "2 steps short of 4 prompts" in result.stdout
+    assert "2 of 2 steps short of 4 prompts" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
