@@ -26,6 +26,15 @@ def run_trainer(script: str, *flags, timeout=240, env=None):
                           text=True, timeout=timeout)
 
 
+def assert_fails_at_start_up_with_one_line(script: str, flags, message: str, runs_dir: Path):
+    """`python <script> <flags>` stops with one `<script>: error: ...` line holding `message`, and no run folder."""
+    result = run_trainer(script, *flags, "--runs-dir", str(runs_dir), timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error:") and message in lines[0], result.stderr
+    assert not any(runs_dir.iterdir()), "a failed start must not leave a run folder"
+
+
 def run_grpo(*flags, timeout=240, env=None):
     return run_trainer("grpo.py", *flags, timeout=timeout, env=env)
 

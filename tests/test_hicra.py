@@ -16,7 +16,7 @@ import grpo
 import hicra
 from common.model import load_tokenizer
 from common.phrases import index_phrases, load_phrases, phrase_token_mask
-from grpo_runs import REAL_MODEL_GSM8K_RUN, read_metrics, run_trainer
+from grpo_runs import REAL_MODEL_GSM8K_RUN, assert_fails_at_start_up_with_one_line, read_metrics, run_trainer
 from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
 PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine is shared
@@ -224,11 +224,7 @@ def test_short_run_logs_hicra_metrics_and_mines_grams(tmp_path):
     (["--mine-grams", "no/such/folder/mined.txt"], "--mine-grams no/such/folder/mined.txt: there is no such folder"),
 ])
 def test_bad_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
-    result = run_trainer("hicra.py", *flags, "--runs-dir", str(tmp_path), timeout=120)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hicra.py: error:") and message in lines[0], result.stderr
-    assert not any(tmp_path.iterdir()), "a failed start must not leave a run folder"
+    assert_fails_at_start_up_with_one_line("hicra.py", flags, message, tmp_path)
 
 
 def test_two_steps_on_the_real_model_with_the_papers_grams(real_model_dir, tmp_path):

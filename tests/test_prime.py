@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import prime
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_model, resolve_model
-from grpo_runs import read_metrics, run_trainer, sampled_tiny_batch
+from grpo_runs import assert_fails_at_start_up_with_one_line, read_metrics, run_trainer, sampled_tiny_batch
 from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, implicit_process_rewards,
                    leave_one_out_outcome_rewards, leave_one_out_process_rewards, normalise_process_rewards,
                    prime_advantages, prm_accuracy, prm_pairwise_accuracy, prompts_in_band, returns_to_go, update_prm, whiten)
@@ -343,11 +343,7 @@ def test_a_band_nothing_can_reach_draws_a_bounded_number_of_times_and_trains_not
     (["--prm-model", "no-such-model"], "unknown model 'no-such-model'"),
 ])
 def test_bad_prime_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
-    result = run_trainer("prime.py", *flags, "--runs-dir", str(tmp_path), timeout=120)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prime.py: error:") and message in lines[0], result.stderr
-    assert not any(tmp_path.iterdir())
+    assert_fails_at_start_up_with_one_line("prime.py", flags, message, tmp_path)
 
 
 def test_a_prm_with_another_tokenizer_is_refused(real_model_dir, tmp_path):
