@@ -1,6 +1,6 @@
 """GiGPO: Group-in-Group Policy Optimization for LLM agents (arXiv 2505.10978), in one file.
 
-Docs: README.md (GiGPO section). This is grpo.py with an agent's episodes in place of single
+Docs: docs/gigpo.md. This is grpo.py with an agent's episodes in place of single
 answers, changed only in the blocks marked `# ALGO LOGIC: ...` to `# ALGO LOGIC END`. G episodes
 start from the same state of the same task; every turn is one training sample. Its advantage is
 the episode-level GRPO advantage of its episode plus omega times a step-level one: the turns of

@@ -1,6 +1,6 @@
 """GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300), in one file.
 
-Docs: README.md. Every other trainer of this project is this file with one method's changes,
+Docs: docs/grpo.md. Every other trainer of this project is this file with one method's changes,
 marked `# ALGO LOGIC: ...` to `# ALGO LOGIC END` (study these) apart from the plumbing.
 
     python grpo.py                    # tiny built-in model + arithmetic task, CPU, about 4 minutes

@@ -1,6 +1,6 @@
 """HICRA: Hierarchy-Aware Credit Assignment (arXiv 2509.03646): GRPO that pushes harder on planning tokens.
 
-Docs: README.md. This is grpo.py with one change to the update, the advantage on planning tokens
+Docs: docs/hicra.md. This is grpo.py with one change to the update, the advantage on planning tokens
 (A + alpha |A|), on the paper's base: mean-only group advantages and DAPO's clip-higher. Planning
 tokens write a Strategic Gram ("wait", "let's try"): --strategic-grams FILE, else on the built-in
 arithmetic task its own planning words (data/arithmetic_strategic_grams.txt: first, then, check,

@@ -1,6 +1,6 @@
 """PRIME: Process Reinforcement through IMplicit rEwards (arXiv 2502.01456), in one file.
 
-Docs: README.md (section PRIME). This is grpo.py with PRIME's changes, marked `# ALGO LOGIC: ...`
+Docs: docs/prime.md. This is grpo.py with PRIME's changes, marked `# ALGO LOGIC: ...`
 to `# ALGO LOGIC END`: an implicit process reward model (PRM), a causal LM trained online on the
 policy's own rollouts with their outcome labels, gives every token a reward q_t = log pi_phi - log
 pi_ref against a frozen reference; leave-one-out baselines per reward source, returns and batch

@@ -5,7 +5,7 @@ A process reward model (PRM) scores every step of a response. Summing those scor
 future step rewards instead (min-form, by the authors' softmax approximation), so one bad step
 caps everything before it. Optional verifiable rewards (solved or not) on a share of prompts.
 
-Docs: README.md. This is grpo.py with PURE's changes, marked `# ALGO LOGIC: ...` to
+Docs: docs/pure.md. This is grpo.py with PURE's changes, marked `# ALGO LOGIC: ...` to
 `# ALGO LOGIC END`; `diff grpo.py pure.py` shows the method and nothing else.
 
     python pure.py                    # tiny model + arithmetic task + a flawed toy PRM, CPU, minutes

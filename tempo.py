@@ -1,6 +1,6 @@
 """TEMPO: prefix-tree values give token credit where a group's responses branch (arXiv 2509.18314), in one file.
 
-Docs: README.md (the TEMPO section). This is grpo.py with TEMPO's changes, marked
+Docs: docs/tempo.md. This is grpo.py with TEMPO's changes, marked
 `# ALGO LOGIC: ...` to `# ALGO LOGIC END`: the advantage of each token is GRPO's plus the change
 of the prefix tree's value at the token, so credit lands where good and bad responses parted.
 
