@@ -252,7 +252,7 @@ def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_
             raise UsageError("--vllm-sleep-mode needs --rollout vllm")
         return TransformersEngine(policy, tokenizer)
     if not vllm_installed:
-        raise UsageError("--rollout vllm needs vLLM: pip install -r requirements-vllm.txt (README: vLLM rollouts)")
+        raise UsageError("--rollout vllm needs vLLM: pip install -r requirements-vllm.txt (docs/vllm.md)")
     if sleep_mode and device.type != "cuda":
         raise UsageError("--vllm-sleep-mode needs a CUDA GPU: vLLM's CPU backend cannot sleep")
     if device.type == "cuda" and device.index not in (None, 0):
