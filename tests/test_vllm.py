@@ -182,6 +182,28 @@ def test_an_agents_turns_wake_the_engine_once_and_keep_the_samplers_logprobs(vll
     assert (logp - turns.logprobs)[turns.completion_mask.bool()].abs().max() < 1e-4
 
 
+def test_a_mixed_precision_policy_is_sampled_in_bf16_from_its_fp32_masters(vllm_engine):
+    """bf16-mixed: the trainer keeps fp32 weights and computes in bf16; vLLM gets them cast to bf16 on every
+    sync, and the check's bf16 threshold holds the difference, before and after updates."""
+    policy, tokenizer = load_model("tiny", "cpu", "bf16-mixed"), load_tokenizer("tiny")
+    engine = vllm_engine(policy, tokenizer, "tiny", max_model_len=200, **ENGINE_OPTIONS)
+    assert policy.dtype == torch.float32 and engine.dtype == torch.bfloat16 and engine.threshold == 0.2
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    prompts = prompts_of(tokenizer, group_size=4)
+    differences = []
+    for update in range(4):
+        rollout = engine.generate(prompts, 48, 1.0)
+        mask = rollout.completion_mask.bool()
+        logp = trainer_logprobs(policy, rollout, 1.0)
+        differences.append((logp.detach() - rollout.logprobs)[mask].abs().mean().item())
+        (-(logp * torch.randn(len(prompts), 1) * mask).sum() / mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        engine.sync()
+    assert all(0 < difference < engine.threshold / 2 for difference in differences), differences
+
+
 def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
     """Every sync after start-up skipped, as a broken sleep-mode path would: the check at the next
     batch stops the run, before that step is logged."""
