@@ -59,10 +59,12 @@ METHODS = {
 }
 BASELINES = {"math": "grpo", "agent": "gigpo-omega0"}  # each task's baseline; it is always run
 TASK_TITLES = {"math": "held-out greedy pass@1", "agent": "held-out greedy success rate"}
+TASK_ITEMS = {"math": "problems", "agent": "tasks"}  # what a held-out set holds
 OWN_FLAGS = ("--seed", "--runs-dir", "--resume", "--eval-only")  # set by this script, run by run
 PROGRESS_EVERY = 30.0  # seconds between two progress lines of a run
 POLL = 0.5  # seconds between two looks at the running trainers
 BOOTSTRAP_RESAMPLES = 10_000
+REPORTS = ("results.md", "paired.md", "curves.png")
 # t_{0.975, df} for df = 1..30, the two-sided 95% quantiles of Student's t (any statistics table).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -73,7 +75,8 @@ class Args:
     methods: str = field(default="grpo,hicra,prime,pure,tempo", metadata={
         "help": f"comma-separated, from {', '.join(METHODS)}; each task's baseline is added"})
     seeds: str = field(default="1,2,3", metadata={"help": "comma-separated seeds; every method runs with each"})
-    jobs: int = field(default=1, metadata={"help": "trainers running at once (1: one after another, as timed)", "min": 1})
+    jobs: int = field(default=1, metadata={"help": "trainers running at once (1: one after another, as timed)",
+                                           "min": 1})
     out: str = field(default="runs/comparison", metadata={"help": "output folder; its runs/ holds the trainers' runs"})
 
 
@@ -102,8 +105,8 @@ def paired_difference(method_correct, baseline_correct, resamples: int = BOOTSTR
     num_seeds, num_problems = differences.shape
     rng = np.random.default_rng(seed)
     # How often each seed and each problem was drawn, as weights: the resample's mean without building it.
-    seed_weights = rng.multinomial(num_seeds, np.full(num_seeds, 1 / num_seeds), size=resamples) / num_seeds
-    problem_weights = rng.multinomial(num_problems, np.full(num_problems, 1 / num_problems), size=resamples) / num_problems
+    seed_weights = rng.multinomial(num_seeds, np.full(num_seeds, 1 / num_seeds), resamples) / num_seeds
+    problem_weights = rng.multinomial(num_problems, np.full(num_problems, 1 / num_problems), resamples) / num_problems
     resampled = ((seed_weights @ differences) * problem_weights).sum(axis=1)  # [resamples]
     low, high = np.percentile(resampled, [2.5, 97.5])
     return float(differences.mean()), float(low), float(high)
@@ -131,8 +134,9 @@ def parse_command_line(argv: list[str]) -> tuple[Args, list[str], list[int], lis
         raise UsageError(f"--seeds names a seed twice: {args.seeds}")
     for flag in trainer_flags:
         if flag.split("=")[0] in OWN_FLAGS:
-            raise UsageError(f"{flag.split('=')[0]} is set by the comparison for each run; leave it out of the flags after --")
-    for script in dict.fromkeys(METHODS[name].script for name in methods):  # a flag a trainer lacks fails now, not hours in
+            raise UsageError(f"{flag.split('=')[0]} is set by the comparison for each run; "
+                             f"leave it out of the flags after --")
+    for script in dict.fromkeys(METHODS[name].script for name in methods):  # fail now, not hours in
         try:
             parse_args(importlib.import_module(Path(script).stem).Args, list(trainer_flags))
         except UsageError as error:
@@ -148,7 +152,8 @@ def claim_output_folder(out: Path, trainer_flags: list[str]):
     if settings_file.is_file():
         saved = json.loads(settings_file.read_text())
         if saved != settings and has_runs:
-            raise UsageError(f"{out} holds runs made with other trainer flags ({' '.join(saved['trainer_flags']) or 'none'}); "
+            made_with = " ".join(saved["trainer_flags"]) or "none"
+            raise UsageError(f"{out} holds runs made with other trainer flags ({made_with}); "
                              f"give another --out, or the same flags after --")
     elif out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty and holds no comparison (no settings.json); give another --out")
@@ -234,7 +239,8 @@ def start(run: Run, position: str, trainer_flags: list[str]) -> Job:
     with run.log.open("a") as log:  # the trainer's own output; the screen gets progress lines
         log.write(f"$ python {method.script} {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen([sys.executable, method.script, *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, method.script, *command], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
     return Job(run, position, process, time.time(), first_step)
 
 
@@ -247,8 +253,8 @@ def report(job: Job):
         eta = "finished"
     else:
         eta = f"eta {format_duration(elapsed / done * (total - step))}" if done > 0 else "eta after its first step"
-    print(f"[{job.position}] {job.run.name}: step {max(step, 0)}/{total or '?'}, {format_duration(elapsed)}, {eta}",
-          flush=True)
+    where = f"step {step}/{total}" if step >= 0 else "starting"
+    print(f"[{job.position}] {job.run.name}: {where}, {format_duration(elapsed)}, {eta}", flush=True)
     job.reported = time.time()
 
 
@@ -261,7 +267,7 @@ def run_all(runs: list[Run], trainer_flags: list[str], jobs: int, wall_times_fil
     pending = [(f"{number}/{len(runs)}", run) for number, run in enumerate(runs, 1) if not run.is_complete()]
     print(f"{len(runs)} runs, {len(runs) - len(pending)} of them complete already", flush=True)
     running, failures = [], []
-    while pending or running:
+    while running or (pending and not failures):
         while pending and len(running) < jobs and not failures:
             position, run = pending.pop(0)
             running.append(start(run, position, trainer_flags))
@@ -329,7 +335,7 @@ def results_table(task: str, results: list[RunResult], trainer_flags: list[str])
     methods = list(dict.fromkeys(result.method for result in results))
     first = results[0]
     lines = [f"## {task.capitalize()} task: {TASK_TITLES[task]}", "",
-             f"Held-out set `{first.eval_set}`, {len(first.after['greedy_correct'])} problems; seeds "
+             f"Held-out set `{first.eval_set}`, {len(first.after['greedy_correct'])} {TASK_ITEMS[task]}; seeds "
              f"{', '.join(str(s) for s in sorted({r.seed for r in results}))}; trainer flags: "
              f"`{' '.join(trainer_flags) or '(defaults)'}`. Before and after: mean over seeds [95% t-interval over "
              f"seeds]; gain in points, the same way; time per step without evaluations, wall time with them and "
@@ -343,7 +349,7 @@ def results_table(task: str, results: list[RunResult], trainer_flags: list[str])
                      f"| {format_points(*mean_interval([r.after['pass@1'] - r.before['pass@1'] for r in runs]))} "
                      f"| {np.mean([r.time_per_step for r in runs]):.2f}s "
                      f"| {format_duration(np.mean(walls)) if len(walls) == len(runs) else 'not recorded'} |")
-    lines += ["", "Each run, with its own 95% Wilson interval over the held-out problems:", "",
+    lines += ["", f"Each run, with its own 95% Wilson interval over the held-out {TASK_ITEMS[task]}:", "",
               "| method | seed | steps | before | after | time per step | wall time |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.method} | {r.seed} | {r.steps} "
@@ -363,11 +369,13 @@ def paired_table(task: str, results: list[RunResult]) -> str:
         seeds = sorted(seed for m, seed in by_run if m == method and (baseline, seed) in by_run)
         pairs = [(by_run[method, seed].after, by_run[baseline, seed].after) for seed in seeds]
         if any(len(ours["greedy_correct"]) != len(theirs["greedy_correct"]) for ours, theirs in pairs):
-            raise UsageError(f"{method} and {baseline} were evaluated on different held-out problems; they cannot be paired")
+            raise UsageError(f"{method} and {baseline} were evaluated on different held-out problems; "
+                             f"they cannot be paired")
         ours = np.array([[int(c) for c in pair[0]["greedy_correct"]] for pair in pairs])
         theirs = np.array([[int(c) for c in pair[1]["greedy_correct"]] for pair in pairs])
         mean, low, high = paired_difference(ours, theirs)
-        lines.append(f"| {method} | {', '.join(map(str, seeds))} | {100 * mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] "
+        lines.append(f"| {method} | {', '.join(map(str, seeds))} | {100 * mean:+.1f} "
+                     f"| [{100 * low:+.1f}, {100 * high:+.1f}] "
                      f"| {int(((ours == 1) & (theirs == 0)).sum())} | {int(((ours == 0) & (theirs == 1)).sum())} |")
     return "\n".join(lines)
 
@@ -396,7 +404,8 @@ def plot_curves(pyplot, results_by_task: dict[str, list[RunResult]], path: Path)
         for method in dict.fromkeys(r.method for r in results):
             curves = [r.curve for r in results if r.method == method]
             evaluated = sorted(set.intersection(*({step for step, _, _ in curve} for curve in curves)))
-            points = np.array([[point[1:] for point in curve if point[0] in evaluated] for curve in curves])  # [S, E, 2]
+            # [seeds, evaluations, (training seconds, accuracy)]
+            points = np.array([[point[1:] for point in curve if point[0] in evaluated] for curve in curves])
             seconds, accuracy = points[..., 0].mean(axis=0), points[..., 1]
             for axis, x in ((step_axis, evaluated), (time_axis, seconds)):
                 line, = axis.plot(x, accuracy.mean(axis=0), marker="o", markersize=3, label=method)
@@ -445,7 +454,7 @@ def main(argv: list[str] | None = None):
         write_reports(out, runs, trainer_flags, pyplot)
     except UsageError as error:
         sys.exit(f"benchmarks.compare: error: {error}")
-    print(f"\n{(out / 'results.md').read_text()}\nwritten: {out / 'results.md'}, {out / 'paired.md'}, {out / 'curves.png'}")
+    print(f"\n{(out / 'results.md').read_text()}\nwritten: {', '.join(str(out / name) for name in REPORTS)}")
 
 
 if __name__ == "__main__":

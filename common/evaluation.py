@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy pass@1 with its 95% interval, and from k samples mean@k and pass@k, on any number of sets.
+"""Held-out evaluation: greedy pass@1 with its 95% interval, and from k samples mean@k and pass@k, on any sets.
 
 The same code scores a model during training (every --eval-every steps) and with --eval-only.
 Beside each set's numbers it logs which problems greedy decoding solved ("greedy_correct", one
@@ -97,7 +97,8 @@ class Evaluator:
             greedy_correct += [score == 1.0 for score in score_batch(greedy.texts, answers)]
             if k:
                 sampled = self.engine.generate([p for p in prompts for _ in range(k)], self.max_new_tokens, self.temperature)
-                sampled_correct += [score == 1.0 for score in score_batch(sampled.texts, [a for a in answers for _ in range(k)])]
+                scores = score_batch(sampled.texts, [answer for answer in answers for _ in range(k)])
+                sampled_correct += [score == 1.0 for score in scores]
         return {**greedy_results(greedy_correct), **(sampled_results(sampled_correct, k) if k else {})}
 
     def __call__(self) -> dict:
@@ -113,7 +114,7 @@ class Evaluator:
             run_log.log({"step": 0, "eval_dataset": name, "problems": len(problems), **results,
                          "time_eval": time.time() - started})
             others = [f"{key} {value:.3f}" for key, value in results.items() if key not in GREEDY_KEYS]
-            print(f"  {name:<24} {len(problems):>5} problems  " + "  ".join([f"pass@1 {format_pass_at_1(results)}", *others]))
+            print(f"  {name:<24} {len(problems):>5} problems  pass@1 {format_pass_at_1(results)}  " + "  ".join(others))
         run_log.close()
 
 
