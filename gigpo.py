@@ -427,9 +427,11 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate()
-    eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
-    print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
+    eval_results = initial_results = evaluate()
+    eval_accuracy = next(iter(eval_results.values()))["pass@1"]
+    print(f"held-out greedy accuracy at step {start_step}: {eval_accuracy:.3f}")
+    if not checkpoint:  # the start is in the record (a resumed run's log holds it already)
+        run_log.log({"step": 0, "eval_accuracy": eval_accuracy, "eval": eval_results})
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
@@ -518,8 +520,7 @@ def main(argv=None):
                                           ("grouped_turn_fraction", "turns in step groups of 2+"),
                                           ("invalid_action_rate", "invalid actions"))}
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
-                      agent_lines)
+                      initial_results, eval_results, time.time() - started, run_dir, agent_lines)
         # ALGO LOGIC END
 
 

@@ -19,7 +19,7 @@ from common.model import load_model, load_tokenizer
 from common.rollout import (TransformersEngine, eos_token_ids, generate, make_rollout_engine, sampler_mismatch,
                             truncated_importance_weights)
 from grpo import clipped_surrogate, completion_logprobs
-from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer
+from grpo_runs import ROOT, read_metrics, read_steps, run_grpo, run_trainer
 
 TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
 QUESTIONS = ("Compute 12+34.", "Compute 99-10+11-40.", "Compute 50-25+13.")  # different lengths: left padding
@@ -227,7 +227,7 @@ def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
     assert last.startswith("grpo.py: error: vLLM is not sampling from the policy being trained: its log-probs differ"), last
     assert "weight sync 2 did not reach it" in last
     [run_dir] = tmp_path.iterdir()
-    assert [m["step"] for m in read_metrics(run_dir)] == [1], "step 1 was sampled from the synced start weights"
+    assert [m["step"] for m in read_steps(run_dir)] == [1], "step 1 was sampled from the synced start weights"
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -236,7 +236,7 @@ def test_every_trainer_runs_three_steps_with_vllm(trainer, tmp_path):
                          "--runs-dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     checked = [m for m in metrics if m["sampler_logp_diff"] is not None]
     assert checked, "no step had a trained sequence to check the sampler against"
