@@ -14,7 +14,7 @@ import grpo
 from common import UsageError
 from common.model import check_training_fits, compute_dtype, load_model, lost_update_fraction
 from common.rollout import TransformersEngine
-from grpo_runs import read_metrics, run_grpo, sampled_tiny_batch
+from grpo_runs import read_steps, run_grpo, sampled_tiny_batch
 
 SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "2"]
@@ -114,18 +114,18 @@ def test_the_trainer_stops_before_its_first_step_when_the_gpu_is_too_small(monke
 
 def test_mixed_precision_checkpoints_fp32_masters_and_resumes_exactly(tmp_path):
     flags = [*SHORT_RUN, "--total-steps", "4", "--save-every", "2", "--dtype", "bf16-mixed", "--runs-dir", str(tmp_path)]
-    result = run_grpo(*flags)
+    result = run_grpo(*flags, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     final = run_dir / "checkpoints" / "step_4"
     assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
     with safe_open(final / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
-    uninterrupted = read_metrics(run_dir)
+    uninterrupted = read_steps(run_dir)
     shutil.rmtree(final)  # as if the run had been killed after its step-2 checkpoint
-    resumed = run_grpo("--resume", str(run_dir))
+    resumed = run_grpo("--resume", str(run_dir), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    again = read_metrics(run_dir)
+    again = read_steps(run_dir)
     assert [m["step"] for m in again] == [1, 2, 3, 4]
     for before, after in zip(uninterrupted, again):
         for key in ("reward_mean", "loss", "response_length", "eval_accuracy", "entropy"):
