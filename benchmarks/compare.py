@@ -112,6 +112,17 @@ def paired_difference(method_correct, baseline_correct, resamples: int = BOOTSTR
     return float(differences.mean()), float(low), float(high)
 
 
+def find_method(name: str) -> Method:
+    """One of METHODS, or a trainer of your own in the project's root, `<name>.py` (a copy of grpo.py with
+    another estimator: README, "Adding a method"), compared on the math task against grpo.py."""
+    if name in METHODS:
+        return METHODS[name]
+    if (ROOT / f"{name}.py").is_file():
+        return Method(f"{name}.py", "math")
+    raise UsageError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)} or a trainer "
+                     "<name>.py of your own beside grpo.py")
+
+
 # The command line.
 def parse_command_line(argv: list[str]) -> tuple[Args, list[str], list[int], list[str]]:
     """(args, methods, seeds, trainer flags) from `argv`; the trainer flags are those after `--`."""
@@ -119,11 +130,10 @@ def parse_command_line(argv: list[str]) -> tuple[Args, list[str], list[int], lis
     args, trainer_flags = parse_args(Args, argv[:split], __doc__), argv[split + 1:]
     methods = [name.strip() for name in args.methods.split(",")]
     for name in methods:
-        if name not in METHODS:
-            raise UsageError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        find_method(name)
     if len(set(methods)) < len(methods):
         raise UsageError(f"--methods names a method twice: {args.methods}")
-    for task in dict.fromkeys(METHODS[name].task for name in methods):
+    for task in dict.fromkeys(find_method(name).task for name in methods):
         if BASELINES[task] not in methods:  # paired.md compares with it
             methods.insert(0, BASELINES[task])
     try:
@@ -136,7 +146,7 @@ def parse_command_line(argv: list[str]) -> tuple[Args, list[str], list[int], lis
         if flag.split("=")[0] in OWN_FLAGS:
             raise UsageError(f"{flag.split('=')[0]} is set by the comparison for each run; "
                              f"leave it out of the flags after --")
-    for script in dict.fromkeys(METHODS[name].script for name in methods):  # fail now, not hours in
+    for script in dict.fromkeys(find_method(name).script for name in methods):  # fail now, not hours in
         try:
             parse_args(importlib.import_module(Path(script).stem).Args, list(trainer_flags))
         except UsageError as error:
@@ -230,7 +240,7 @@ def start(run: Run, position: str, trainer_flags: list[str]) -> Job:
               f"(--save-every N after -- makes the trainers write some)", flush=True)
         shutil.rmtree(run_dir)
         checkpoint = None
-    method = METHODS[run.method]
+    method = find_method(run.method)
     if checkpoint:
         command, first_step = ["--resume", str(run_dir)], int(checkpoint.name.removeprefix("step_"))
         print(f"[{position}] {run.name}: resuming from step {first_step}", flush=True)
@@ -435,7 +445,7 @@ def write_reports(out: Path, runs: list[Run], trainer_flags: list[str], pyplot):
     wall_times = json.loads(wall_times_file.read_text()) if wall_times_file.is_file() else {}
     results_by_task = {}
     for run in runs:
-        results_by_task.setdefault(METHODS[run.method].task, []).append(read_result(run, wall_times))
+        results_by_task.setdefault(find_method(run.method).task, []).append(read_result(run, wall_times))
     (out / "results.md").write_text("# Comparison\n\n" + "\n\n".join(
         results_table(task, results, trainer_flags) for task, results in results_by_task.items()) + "\n")
     (out / "paired.md").write_text("# Paired differences at the end of training\n\n" + "\n\n".join(

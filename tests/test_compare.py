@@ -103,7 +103,7 @@ def test_started_again_it_skips_finished_runs_and_resumes_or_restarts_unfinished
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "grpo,rloo"], "--methods: unknown method 'rloo'; choose from grpo, hicra,"),
+    (["--methods", "grpo,nope"], "--methods: unknown method 'nope'; choose from grpo, hicra,"),
     (["--methods", "grpo,grpo"], "--methods names a method twice"),
     (["--seeds", "1,two"], "--seeds must be comma-separated whole numbers such as 1,2,3 (got '1,two')"),
     (["--seeds", "1,1"], "--seeds names a seed twice"),
@@ -151,7 +151,8 @@ def test_a_folder_of_other_settings_or_no_comparison_is_refused_and_left_alone(t
 def test_the_command_line_error_reaches_the_terminal_as_one_line():
     result = run_compare("--methods", "nope")
     assert result.returncode != 0 and result.stderr.strip().splitlines() == [
-        f"benchmarks.compare: error: --methods: unknown method 'nope'; choose from {', '.join(METHODS)}"]
+        f"benchmarks.compare: error: --methods: unknown method 'nope'; choose from {', '.join(METHODS)} or a "
+        "trainer <name>.py of your own beside grpo.py"]
 
 
 def test_each_tasks_baseline_joins_the_methods():
