@@ -203,6 +203,9 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
     With `similarity_threshold`, the authors' later code for observations that rarely repeat
     exactly: a turn joins the first group of its task whose first anchor has a
     difflib.SequenceMatcher ratio of at least the threshold with its own, else starts a group.
+    The turn's anchor goes first, as in verl-agent's `are_similar(obs, rep)` (gigpo/core_gigpo.py):
+    ratio() is not symmetric, since above 200 characters difflib ignores the frequent characters
+    of the second string only.
     """
     ids, groups_of_task = [], {}  # task -> [(its first anchor, group id)]
     for anchor, task in zip(anchors, task_ids):
@@ -211,7 +214,7 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
             match = next((group for first, group in groups if first == anchor), None)
         else:
             match = next((group for first, group in groups
-                          if difflib.SequenceMatcher(None, first, anchor).ratio() >= similarity_threshold), None)
+                          if difflib.SequenceMatcher(None, anchor, first).ratio() >= similarity_threshold), None)
         if match is None:
             match = sum(map(len, groups_of_task.values()))  # a new group: the next unused id
             groups.append((anchor, match))

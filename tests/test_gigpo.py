@@ -143,6 +143,25 @@ def test_step_groups_never_join_different_tasks_and_similarity_joins_near_copies
     assert step_groups(near, [0, 0, 0], similarity_threshold=0.9).tolist() == [0, 0, 1]
 
 
+ROOM = ("You are in a corridor. There is a door to the north, a door to the south and a door to the east. "
+        "You see a chest here. The chest is closed. You are carrying a key. The corridor is dark and the door "
+        "to the north is open. You hear a noise to the south, you see a light to the east, and the key is heavy.")
+
+
+@pytest.mark.parametrize("anchors, threshold, groups", [
+    # verl-agent's are_similar(obs, rep) (gigpo/core_gigpo.py), run on these pairs, with obs the later
+    # turn's anchor and rep the group's first: ratio 0.996678 for the 301-character room and the same
+    # text with its first letter changed (0.096346 the other way round, where difflib's autojunk drops
+    # the frequent characters of the first room), and 0.4 for the short pair (0.266667 the other way).
+    ([ROOM, "X" + ROOM[1:]], 0.9, [0, 0]),
+    (["X" + ROOM[1:], ROOM], 0.9, [0, 1]),
+    (["babcbbb", "bcacabaa"], 0.3, [0, 0]),
+    (["bcacabaa", "babcbbb"], 0.3, [0, 1]),
+])
+def test_similarity_puts_the_new_anchor_first_as_the_authors_do(anchors, threshold, groups):
+    assert step_groups(anchors, [0, 0], similarity_threshold=threshold).tolist() == groups
+
+
 # The built-in environment.
 
 def test_keydoor_is_deterministic_under_a_seed():
