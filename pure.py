@@ -45,6 +45,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo")
 # ALGO LOGIC: how step rewards become returns.
 CREDITS = ("softmax-min", "min", "sum", "mean")
+WHITENINGS = ("authors", "trained", "none")
 # ALGO LOGIC END
 
 
@@ -110,7 +111,9 @@ class Args:
     verifiable_coef: float = field(default=1.0, metadata={"help": "weight of the verifiable reward"})
     kl_reward_coef: float = field(default=0.0, metadata={"help": "beta of the KL-to-reference penalty inside the per-token reward, as the authors do it (paper: 0.001); 0 loads no reference"})
     kl_reward_estimator: str = field(default="k1", metadata={"help": "KL estimator inside the reward (authors' default: k1)", "choices": KL_ESTIMATORS})
-    normalize_advantages: bool = field(default=True, metadata={"help": "whiten advantages over all trained tokens of the batch (the authors' default)"})
+    whitening: str = field(default="authors", metadata={"choices": WHITENINGS, "help": (
+        "advantages whitened over the batch as the authors' replay_buffer.normalize (the zeroed separator/EOS tokens "
+        "add (0 - mean)^2 to the variance's sum, not to its count), over the trained tokens only, or not at all")})
 
 
 # ALGO LOGIC: PURE's credit assignment (pure functions), then grpo.py's loss arithmetic unchanged.
@@ -180,7 +183,8 @@ def verifiable_rewards(solved: torch.Tensor, has_reference: torch.Tensor) -> tor
 
 
 def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solved, has_reference,
-                    credit="softmax-min", temperature=0.1, verifiable_coef=1.0, kl=None, kl_coef=0.0, normalize=True):
+                    credit="softmax-min", temperature=0.1, verifiable_coef=1.0, kl=None, kl_coef=0.0,
+                    whitening="authors"):
     """Per-token advantages [B, C] from PRM step scores r [B, K] (PURE's reward pipeline).
 
     step_ends [B, K]: token position of each step's end (its blank line's last token, or EOS);
@@ -193,8 +197,10 @@ def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solv
         A_t       = sum_{t' >= t} reward_t'                               (gamma = 1)
 
     Step-end tokens (separators and EOS) get advantage 0, as in the authors' code; the other
-    tokens are whitened over the batch: (A - mean) / sqrt(var), both over the trained tokens.
-    (The authors' variance also counts the zeroed end tokens, as (0 - mean)^2; we leave them out.)
+    tokens are whitened over the batch, (A - mean) / sqrt(var), with mean and var divided by the
+    number of trained tokens N. "authors" (their replay_buffer.normalize, the default): the end
+    tokens, zeroed before whitening, still add (0 - mean)^2 to the squared sum, so var is
+    [sum_trained (A - mean)^2 + ends * mean^2] / N; "trained": var over the trained tokens alone.
     Returns the advantages and rhat.
     """
     size, group_size = step_rewards.shape[0], solved.shape[1]
@@ -210,9 +216,10 @@ def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solv
     returns = rewards.flip(-1).cumsum(dim=-1).flip(-1)
     ends = torch.zeros_like(mask).scatter_add_(1, step_ends, step_mask.to(mask.dtype)) > 0
     trained = mask.bool() & ~ends
-    if normalize and trained.any():
-        values = returns[trained]
-        returns = (returns - values.mean()) * values.var(unbiased=False).clamp(min=1e-8).rsqrt()
+    if whitening != "none" and trained.any():
+        mean = returns[trained].mean()
+        spread = (returns * trained - mean) ** 2 * (mask if whitening == "authors" else trained)
+        returns = (returns - mean) * (spread.sum() / trained.sum()).clamp(min=1e-8).rsqrt()
     return returns * trained, rhat
 
 
@@ -540,7 +547,7 @@ def main(argv=None):
                             args.kl_reward_estimator)
         advantages, _ = pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, train_rewards, has_reference,
                                         args.credit, args.min_form_temperature, args.verifiable_coef, kl,
-                                        args.kl_reward_coef, args.normalize_advantages)  # [B, C]
+                                        args.kl_reward_coef, args.whitening)  # [B, C]
         # ALGO LOGIC END
         batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
