@@ -36,7 +36,9 @@ from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, ren
 from common.evaluation import Evaluator
 from common.verify import score_batch
 # ALGO LOGIC END
-# ALGO LOGIC: the process reward model and the step splitting it reads.
+# ALGO LOGIC: the process reward model and the step splitting it reads; the KL's own temperature.
+from dataclasses import replace
+
 from common.prm import PRM_TEMPLATES, ToyArithmeticPRM, load_discriminative_prm, split_into_steps
 # ALGO LOGIC END
 
@@ -45,7 +47,6 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo")
 # ALGO LOGIC: how step rewards become returns.
 CREDITS = ("softmax-min", "min", "sum", "mean")
-WHITENINGS = ("authors", "trained", "none")
 # ALGO LOGIC END
 
 
@@ -111,7 +112,9 @@ class Args:
     verifiable_coef: float = field(default=1.0, metadata={"help": "weight of the verifiable reward"})
     kl_reward_coef: float = field(default=0.0, metadata={"help": "beta of the KL-to-reference penalty inside the per-token reward, as the authors do it (paper: 0.001); 0 loads no reference"})
     kl_reward_estimator: str = field(default="k1", metadata={"help": "KL estimator inside the reward (authors' default: k1)", "choices": KL_ESTIMATORS})
-    whitening: str = field(default="authors", metadata={"choices": WHITENINGS, "help": (
+    kl_reward_at_sampling_temperature: bool = field(default=False, metadata={"help": (
+        "KL in the reward from logits divided by --temperature (default: at temperature 1, as the authors' actor)")})
+    whitening: str = field(default="authors", metadata={"choices": ("authors", "trained", "none"), "help": (
         "advantages whitened over the batch as the authors' replay_buffer.normalize (the zeroed separator/EOS tokens "
         "add (0 - mean)^2 to the variance's sum, not to its count), over the trained tokens only, or not at all")})
 
@@ -251,6 +254,19 @@ def pure_metrics(step_rewards, step_mask, has_reference, prm_time) -> dict:
             "prm_sum_score": (step_rewards * step_mask).sum(dim=1).mean().item(),
             "min_before_last_fraction": (lowest.indices != counts - 1).float().mean().item(),
             "verifiable_prompts": has_reference.float().mean().item(), "time_prm": prm_time}
+
+
+def reward_kl(policy, reference, sampled, args) -> torch.Tensor:
+    """Per-token KL estimate [B, C] of the policy before its update against the reference, for the reward.
+
+    At temperature 1 by default, as the authors' actor (openrlhf/models/actor.py; they sample at 0.5),
+    the quantity their 0.001 was tuned on; --kl-reward-at-sampling-temperature divides by --temperature.
+    The PPO ratio stays at the sampling temperature (theirs is at 1): pi_old is then the distribution
+    the tokens were drawn from, and the vLLM check compares the trainer's log-probs with the sampler's.
+    """
+    at = args if args.kl_reward_at_sampling_temperature else replace(args, temperature=1.0)
+    return kl_penalty(frozen_logprobs(policy, sampled, at), frozen_logprobs(reference, sampled, at),
+                      args.kl_reward_estimator)
 
 
 def clipped_surrogate(logp, old_logp, advantages, eps_low=0.2, eps_high=0.2, dual_clip=None):
@@ -543,8 +559,7 @@ def main(argv=None):
         if reward_ref_model is not None:  # pi_old and pi_ref on the sampled tokens, before any update
             sampled = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                        "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1), "mask": mask}
-            kl = kl_penalty(frozen_logprobs(policy, sampled, args), frozen_logprobs(reward_ref_model, sampled, args),
-                            args.kl_reward_estimator)
+            kl = reward_kl(policy, reward_ref_model, sampled, args)
         advantages, _ = pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, train_rewards, has_reference,
                                         args.credit, args.min_form_temperature, args.verifiable_coef, kl,
                                         args.kl_reward_coef, args.whitening)  # [B, C]

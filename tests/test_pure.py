@@ -180,6 +180,29 @@ def test_token_rewards_and_returns_by_hand():
     assert rhat.tolist() == [[0.5, -0.5], [0.25, 0.0]]
 
 
+def test_kl_in_the_reward_is_taken_at_temperature_one_unless_asked_for_the_sampling_temperature():
+    """The authors' actor takes log-probs from raw logits although it samples at 0.5; the flag
+    divides the logits by --temperature first, as the policy loss always does."""
+    config = Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    policy, reference = Qwen2ForCausalLM(config).eval(), Qwen2ForCausalLM(config).eval()
+    sampled = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long),
+               "mask": torch.ones(3, 5)}
+
+    def k1_at(temperature):
+        policy_logp, reference_logp = (pure.completion_logprobs(model, sampled["input_ids"], sampled["attention_mask"],
+                                                                5, temperature)[0] for model in (policy, reference))
+        return policy_logp - reference_logp
+
+    args = pure.Args(temperature=0.5, kl_reward_estimator="k1", micro_batch_size=2)
+    assert torch.allclose(pure.reward_kl(policy, reference, sampled, args), k1_at(1.0), atol=1e-6)
+    scaled = pure.Args(temperature=0.5, kl_reward_estimator="k1", micro_batch_size=2,
+                       kl_reward_at_sampling_temperature=True)
+    assert torch.allclose(pure.reward_kl(policy, reference, sampled, scaled), k1_at(0.5), atol=1e-6)
+    assert not torch.allclose(k1_at(1.0), k1_at(0.5), atol=1e-3)
+
+
 def test_whitening_as_the_authors_buffer_counts_the_zeroed_ends_in_the_squared_sum_only():
     """The worked responses above, whitened. Expected values: CJReinforce/PURE's
     NaiveReplayBuffer.normalize (openrlhf/trainer/ppo_utils/replay_buffer.py) run on these two
