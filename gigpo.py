@@ -30,6 +30,8 @@ from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, ne
                          restore_checkpoint, save_checkpoint)
 # ALGO LOGIC: an agent's tasks are environments, played an episode at a time (common/envs.py).
 import difflib
+import math
+from dataclasses import replace
 
 from common.envs import KEYDOOR, EpisodeEvaluator, TaskStream, load_eval_tasks, run_episodes, stack_turns
 # ALGO LOGIC END
@@ -57,6 +59,9 @@ class Args:
     episode_stats: str = field(default="episodes", metadata={"help": "episode-level mean/std over the G episodes (paper) or over their step rows (authors' code)", "choices": ("episodes", "steps")})
     similarity_threshold: float | None = field(default=None, metadata={"help": "group anchors whose difflib ratio is at least this (authors' search runs: 0.9; default: exact match)"})
     invalid_action_penalty: float = field(default=0.1, metadata={"help": "penalty of a turn with no <action>...</action> (paper: 0.1)", "min": 0})
+    minibatch_rows: int = field(default=0, metadata={"min": 0, "help": (
+        "turns per minibatch (verl-agent's ppo_mini_batch_size: 256 on ALFWorld): a step's turns go in as many equal "
+        "minibatches of at most this many as it takes, in place of --num-minibatches (0: off)")})
     invalid_action_penalty_form: str = field(default="turn", metadata={"choices": ("turn", "reward"), "help": (
         "turn: off that turn's own step return and episode score, after discounting (authors' code); "
         "reward: the turn's reward, so it lowers the episode return and, discounted, earlier turns' returns")})
@@ -294,6 +299,7 @@ def check_gigpo_args(args):
         (not 0 <= args.gamma <= 1, f"--gamma must lie in [0, 1] (got {args.gamma})"),
         (args.similarity_threshold is not None and not 0 < args.similarity_threshold < 1,
          "--similarity-threshold must lie in (0, 1); leave it unset for exact anchors"),
+        (args.minibatch_rows and args.num_minibatches > 1, "give --minibatch-rows or --num-minibatches, not both"),
     ]
     for failed, message in problems:
         if failed:
@@ -511,6 +517,8 @@ def main(argv=None):
         advantages = gigpo_advantages(train_rewards, train_step_returns, turn_episode, turn_step_group,
                                       args.step_advantage_weight, args.advantage_eps, args.scale_by_std,
                                       args.episode_stats, turn_penalty).view(-1, 1) * mask  # [N, C]
+        if args.minibatch_rows:  # this step's count of minibatches follows its number of turns
+            args = replace(args, num_minibatches=math.ceil(len(turns) / args.minibatch_rows))
         if len(turns) % args.num_minibatches:  # equal minibatches: copy random turns, as verl-agent's adjust_batch does
             rows = torch.cat([torch.arange(len(turns)), torch.randperm(len(turns))[:-len(turns) % args.num_minibatches]])
             rollout, mask, advantages = stack_turns([turns[row] for row in rows], tokenizer.pad_token_id), mask[rows], advantages[rows]

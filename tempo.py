@@ -5,8 +5,9 @@ Docs: docs/tempo.md. This is grpo.py with TEMPO's changes, marked
 of the prefix tree's value at the token, so credit lands where good and bad responses parted.
 
     python tempo.py                   # tiny built-in model + arithmetic task, CPU, about 4 minutes
-    python tempo.py --model Qwen3-1.7B --group-size 7 --learning-rate 1e-6 --clip-eps-high 0.28 \\
-        --dataset ../shared/data/gsm8k_train.jsonl --eval-dataset gsm8k --max-new-tokens 1024
+    python tempo.py --model Qwen3-1.7B --dataset DigitalLearningGmbH/MATH-lighteval --eval-dataset math500 \\
+        --group-size 7 --num-prompts 512 --num-minibatches 8 --max-new-tokens 8192 --learning-rate 1e-6 \\
+        --clip-eps-high 0.28 --warmup-steps 0 --total-steps 15        # the authors' train_math_tempo.sh
 """
 
 import random

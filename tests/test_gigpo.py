@@ -384,8 +384,27 @@ def test_short_run_learns_nothing_wrong_and_logs_the_agent_metrics(tmp_path):
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
 
 
+def test_minibatch_rows_split_each_step_into_as_many_equal_minibatches_as_its_turns_need(tmp_path, monkeypatch):
+    """verl-agent splits a step's turns into minibatches of 256 rows; the count of turns varies by step."""
+    updates = []
+
+    def recording_update(policy, ref_model, optimizer, scheduler, batch, args):
+        updates.append((batch["mask"].shape[0], args.num_minibatches))
+        return update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+
+    update_policy = gigpo.update_policy
+    monkeypatch.setattr(gigpo, "update_policy", recording_update)
+    gigpo.main([*SHORT_RUN, "--total-steps", "2", "--eval-size", "2", "--minibatch-rows", "5",
+                "--runs-dir", str(tmp_path)])
+    [run_dir] = tmp_path.iterdir()
+    for (rows, minibatches), step in zip(updates, read_steps(run_dir)):
+        assert minibatches == math.ceil(step["turns"] / 5) and rows % minibatches == 0
+        assert step["turns"] <= rows < step["turns"] + minibatches and rows // minibatches <= 5
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--similarity-threshold", "1.5"], "--similarity-threshold"),
+    (["--minibatch-rows", "8", "--num-minibatches", "2"], "not both"),
     (["--dataset", "nowhere.z8"], "unknown environment"),
     (["--prompt-key", "q"], "prompt-key"),
     (["--eval-dataset", "gsm8k"], "unknown environment"),
