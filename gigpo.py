@@ -30,6 +30,8 @@ from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, ne
                          restore_checkpoint, save_checkpoint)
 # ALGO LOGIC: an agent's tasks are environments, played an episode at a time (common/envs.py).
 import difflib
+import math
+from dataclasses import replace
 
 from common.envs import KEYDOOR, EpisodeEvaluator, TaskStream, load_eval_tasks, run_episodes, stack_turns
 # ALGO LOGIC END
@@ -56,7 +58,13 @@ class Args:
     step_advantage_weight: float = field(default=1.0, metadata={"help": "omega: weight of the step-level advantage (paper: 1; 0 is GRPO over episodes)"})
     episode_stats: str = field(default="episodes", metadata={"help": "episode-level mean/std over the G episodes (paper) or over their step rows (authors' code)", "choices": ("episodes", "steps")})
     similarity_threshold: float | None = field(default=None, metadata={"help": "group anchors whose difflib ratio is at least this (authors' search runs: 0.9; default: exact match)"})
-    invalid_action_penalty: float = field(default=0.1, metadata={"help": "subtracted from the reward of a turn with no <action>...</action> (paper: 0.1)", "min": 0})
+    invalid_action_penalty: float = field(default=0.1, metadata={"help": "penalty of a turn with no <action>...</action> (paper: 0.1)", "min": 0})
+    minibatch_rows: int = field(default=0, metadata={"min": 0, "help": (
+        "turns per minibatch (verl-agent's ppo_mini_batch_size: 256 on ALFWorld): a step's turns go in as many equal "
+        "minibatches of at most this many as it takes, in place of --num-minibatches (0: off)")})
+    invalid_action_penalty_form: str = field(default="turn", metadata={"choices": ("turn", "reward"), "help": (
+        "turn: off that turn's own step return and episode score, after discounting (authors' code); "
+        "reward: the turn's reward, so it lowers the episode return and, discounted, earlier turns' returns")})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-6 for 1.5B-7B models)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
@@ -173,6 +181,19 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def rows_with_gradient(advantages: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Indices of the sequences the update runs forward and backward: those the loss above can move.
+
+    A sequence whose advantages are all 0 has a clipped surrogate of 0 for any ratio, so with no KL
+    term it is left out (the same gradient, less work; the normaliser still counts its tokens). A
+    method that adds any other per-token term (an entropy bonus, an SFT term) returns every
+    sequence here, or that term never trains on the zero-advantage ones.
+    """
+    if kl_coef > 0:
+        return torch.arange(advantages.shape[0])
+    return torch.nonzero((advantages != 0).any(dim=1)).flatten().cpu()
+
+
 # GiGPO's arithmetic (section 4 of the paper). The episode level is grpo_advantages over episode
 # returns; the step level groups turns by anchor state.
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
@@ -182,6 +203,24 @@ def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
         running = reward + gamma * running
         returns.append(running)
     return returns[::-1]
+
+
+def penalised_returns(rewards: list[list[float]], invalid: list[list[bool]], gamma: float, penalty: float,
+                      form: str = "turn") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Episode returns [E], turn penalties [N] and step returns [N] of E episodes' turn rewards,
+    with the invalid-action penalty (section 5 of the paper) placed one of two ways:
+
+        turn:   as verl-agent (ray_trainer.py): the step returns are the discounted returns of the
+                environment's rewards (compute_step_discounted_returns); then the penalty comes off
+                the invalid turn's own step return and episode score only (apply_invalid_action_penalty)
+        reward: the invalid turn's reward is -penalty, so it lowers the episode return and, discounted,
+                the returns of the turns before it
+    """
+    if form == "reward":
+        rewards = [[reward - penalty * bad for reward, bad in zip(*episode)] for episode in zip(rewards, invalid)]
+    turn_penalty = torch.tensor([penalty * bad if form == "turn" else 0.0 for episode in invalid for bad in episode])
+    step_returns = torch.tensor([value for episode in rewards for value in discounted_returns(episode, gamma)])
+    return torch.tensor([sum(episode) for episode in rewards]), turn_penalty, step_returns - turn_penalty
 
 
 def group_relative(values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, scale_by_std: bool = True) -> torch.Tensor:
@@ -203,6 +242,9 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
     With `similarity_threshold`, the authors' later code for observations that rarely repeat
     exactly: a turn joins the first group of its task whose first anchor has a
     difflib.SequenceMatcher ratio of at least the threshold with its own, else starts a group.
+    The turn's anchor goes first, as in verl-agent's `are_similar(obs, rep)` (gigpo/core_gigpo.py):
+    ratio() is not symmetric, since above 200 characters difflib ignores the frequent characters
+    of the second string only.
     """
     ids, groups_of_task = [], {}  # task -> [(its first anchor, group id)]
     for anchor, task in zip(anchors, task_ids):
@@ -211,7 +253,7 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
             match = next((group for first, group in groups if first == anchor), None)
         else:
             match = next((group for first, group in groups
-                          if difflib.SequenceMatcher(None, first, anchor).ratio() >= similarity_threshold), None)
+                          if difflib.SequenceMatcher(None, anchor, first).ratio() >= similarity_threshold), None)
         if match is None:
             match = sum(map(len, groups_of_task.values()))  # a new group: the next unused id
             groups.append((anchor, match))
@@ -221,12 +263,14 @@ def step_groups(anchors: list[str], task_ids: list[int], similarity_threshold: f
 
 def gigpo_advantages(episode_returns: torch.Tensor, step_returns: torch.Tensor, turn_episode: torch.Tensor,
                      turn_step_group: torch.Tensor, omega: float = 1.0, eps: float = 1e-6, scale_by_std: bool = True,
-                     episode_stats: str = "episodes") -> torch.Tensor:
+                     episode_stats: str = "episodes", turn_penalty: torch.Tensor | None = None) -> torch.Tensor:
     """Advantage of every turn [N] (eq. 8):  A_{i,t} = A^E_i + omega * A^S_{i,t}.
 
     episode_returns [P, G]: the total reward R_i of each of the G episodes of each task.
     step_returns [N]: the discounted return R_{i,t} of each turn; turn_episode [N]: its episode's
-    index into episode_returns.flatten(); turn_step_group [N]: its step group (step_groups).
+    index into episode_returns.flatten(); turn_step_group [N]: its step group (step_groups);
+    turn_penalty [N]: taken off the turn's episode score R_i, as the authors' code does for an
+    invalid action (penalised_returns).
 
         A^E_i     = (R_i - mean_j R_j) / F          over the task's G episodes (eq. 3; "episodes", the paper)
         A^S_{i,t} = (R_{i,t} - mean_g R) / F        over the turn's step group (eq. 7)
@@ -234,13 +278,18 @@ def gigpo_advantages(episode_returns: torch.Tensor, step_returns: torch.Tensor, 
 
     The authors' code takes the episode mean and std over the step rows instead, so that longer
     episodes weigh more ("steps"). Where a group has one member, their code uses mean 0 and std 1
-    (A = R) at the episode level; here, as in grpo_advantages, it gets 0.
+    (A = R) at the episode level; here, as in grpo_advantages, it gets 0, and so does every turn of
+    a task whose G episode returns are all equal ("episodes"), penalised or not.
     """
-    group_size = episode_returns.shape[1]
-    if episode_stats == "episodes":
-        episode_level = grpo_advantages(episode_returns, eps, scale_by_std).flatten()[turn_episode]
+    task = turn_episode // episode_returns.shape[1]
+    scores = episode_returns.flatten()[turn_episode] - (0 if turn_penalty is None else turn_penalty)
+    if episode_stats == "episodes":  # the mean and std of the G returns, applied to each turn's score
+        centred = scores - episode_returns.mean(dim=1)[task]
+        scale = episode_returns.std(dim=1)[task] + eps if scale_by_std else 1.0
+        signal = (episode_returns != episode_returns[:, :1]).any(dim=1)[task]
+        episode_level = torch.where(signal, centred / scale, torch.zeros_like(centred))
     else:
-        episode_level = group_relative(episode_returns.flatten()[turn_episode], turn_episode // group_size, eps, scale_by_std)
+        episode_level = group_relative(scores, task, eps, scale_by_std)
     return episode_level + omega * group_relative(step_returns, turn_step_group, eps, scale_by_std)
 
 
@@ -250,6 +299,7 @@ def check_gigpo_args(args):
         (not 0 <= args.gamma <= 1, f"--gamma must lie in [0, 1] (got {args.gamma})"),
         (args.similarity_threshold is not None and not 0 < args.similarity_threshold < 1,
          "--similarity-threshold must lie in (0, 1); leave it unset for exact anchors"),
+        (args.minibatch_rows and args.num_minibatches > 1, "give --minibatch-rows or --num-minibatches, not both"),
     ]
     for failed, message in problems:
         if failed:
@@ -303,9 +353,9 @@ def frozen_logprobs(model, batch, args):
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
     """Forward and backward over the sequences `indices` of one minibatch, in micro-batches.
 
-    Sequences with zero advantage carry no policy gradient (the surrogate is 0 for any ratio),
-    so with no KL term they are left out entirely; `totals` still counts them, so the loss
-    normalisation is exactly that of the full minibatch. Returns summed statistics.
+    `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
+    whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
+    are left out. Returns summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for start in range(0, len(indices), args.micro_batch_size):
@@ -341,7 +391,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
+    trained = rows_with_gradient(batch["advantages"], args.kl_coef)  # the method's choice (its first marked block)
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -405,8 +455,7 @@ def main(argv=None):
                                      check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
         # ALGO LOGIC: held-out tasks are played to the end: greedy success rate (as pass@1), return, turns.
         evaluate = EpisodeEvaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
-                                    args.eval_samples, args.temperature, args.max_turns, args.history_length,
-                                    args.invalid_action_penalty)
+                                    args.eval_samples, args.temperature, args.max_turns, args.history_length)
         # ALGO LOGIC END
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
@@ -441,17 +490,18 @@ def main(argv=None):
         # until their environment says done or --max-turns (common/envs.py); the environments give the rewards.
         tasks = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
         episodes = run_episodes(engine, [task for task in tasks for _ in range(args.group_size)], args.template,
-                                args.max_new_tokens, args.max_turns, args.history_length, args.invalid_action_penalty,
-                                args.temperature)
+                                args.max_new_tokens, args.max_turns, args.history_length, args.temperature)
         generate_time = time.time() - step_start
 
         # Each episode's return R_i, each turn's discounted return R_{i,t} (eq. 5) and step group (eq. 6);
         # from here on the batch is every turn of every episode, with the sampler's log-probs where it gives them.
         score_start = time.time()
         turns = [turn for episode in episodes for turn in episode.turns]
-        rewards = torch.tensor([episode.total_reward for episode in episodes], device=device).view(args.num_prompts, args.group_size)
-        step_returns = torch.tensor([value for episode in episodes
-                                     for value in discounted_returns([turn.reward for turn in episode.turns], args.gamma)], device=device)
+        episode_returns, turn_penalty, step_returns = (values.to(device) for values in penalised_returns(
+            [[turn.reward for turn in episode.turns] for episode in episodes],
+            [[turn.action is None for turn in episode.turns] for episode in episodes],
+            args.gamma, args.invalid_action_penalty, args.invalid_action_penalty_form))
+        rewards = episode_returns.view(args.num_prompts, args.group_size)
         turn_episode = torch.tensor([index for index, episode in enumerate(episodes) for _ in episode.turns], device=device)
         turn_step_group = step_groups([turn.anchor for turn in turns], (turn_episode // args.group_size).tolist(),
                                       args.similarity_threshold).to(device)
@@ -466,7 +516,9 @@ def main(argv=None):
         train_step_returns = step_returns[torch.randperm(len(turns))] if args.shuffle_rewards else step_returns
         advantages = gigpo_advantages(train_rewards, train_step_returns, turn_episode, turn_step_group,
                                       args.step_advantage_weight, args.advantage_eps, args.scale_by_std,
-                                      args.episode_stats).view(-1, 1) * mask  # [N, C]
+                                      args.episode_stats, turn_penalty).view(-1, 1) * mask  # [N, C]
+        if args.minibatch_rows:  # this step's count of minibatches follows its number of turns
+            args = replace(args, num_minibatches=math.ceil(len(turns) / args.minibatch_rows))
         if len(turns) % args.num_minibatches:  # equal minibatches: copy random turns, as verl-agent's adjust_batch does
             rows = torch.cat([torch.arange(len(turns)), torch.randperm(len(turns))[:-len(turns) % args.num_minibatches]])
             rollout, mask, advantages = stack_turns([turns[row] for row in rows], tokenizer.pad_token_id), mask[rows], advantages[rows]

@@ -180,6 +180,19 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
+def rows_with_gradient(advantages: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Indices of the sequences the update runs forward and backward: those the loss above can move.
+
+    A sequence whose advantages are all 0 has a clipped surrogate of 0 for any ratio, so with no KL
+    term it is left out (the same gradient, less work; the normaliser still counts its tokens). A
+    method that adds any other per-token term (an entropy bonus, an SFT term) returns every
+    sequence here, or that term never trains on the zero-advantage ones.
+    """
+    if kl_coef > 0:
+        return torch.arange(advantages.shape[0])
+    return torch.nonzero((advantages != 0).any(dim=1)).flatten().cpu()
+
+
 def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
     """HICRA's advantage (section 3), [B, C] -> [B, C]; planning_mask is 1 on planning tokens:
 
@@ -258,9 +271,9 @@ def frozen_logprobs(model, batch, args):
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
     """Forward and backward over the sequences `indices` of one minibatch, in micro-batches.
 
-    Sequences with zero advantage carry no policy gradient (the surrogate is 0 for any ratio),
-    so with no KL term they are left out entirely; `totals` still counts them, so the loss
-    normalisation is exactly that of the full minibatch. Returns summed statistics.
+    `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
+    whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
+    are left out. Returns summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for start in range(0, len(indices), args.micro_batch_size):
@@ -296,7 +309,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
+    trained = rows_with_gradient(batch["advantages"], args.kl_coef)  # the method's choice (its first marked block)
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None

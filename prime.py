@@ -234,18 +234,6 @@ def prompts_in_band(rewards: torch.Tensor, lower: float, upper: float) -> torch.
     return (accuracy >= lower) & (accuracy <= upper)
 
 
-def fill_batch(in_band: torch.Tensor, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which groups (of all drawn, in draw order) make a step's batch of `num_prompts`, and which of them train.
-
-    The first `num_prompts` in-band groups; if fewer were drawn, the first groups the filter dropped
-    top the batch up (they keep its size, as GRPO's all-equal groups do, and train nothing).
-    Returns indices [num_prompts] and trained [num_prompts] bool.
-    """
-    kept = in_band.nonzero().flatten()[:num_prompts]
-    topped_up = (~in_band).nonzero().flatten()[:num_prompts - len(kept)]
-    return torch.cat([kept, topped_up]), torch.arange(num_prompts) < len(kept)
-
-
 # The GRPO arithmetic PRIME keeps: the clipped surrogate, the KL estimators, the loss aggregation.
 def clipped_surrogate(logp, old_logp, advantages, eps_low=0.2, eps_high=0.2, dual_clip=None):
     """Per-token PPO clipped loss (to minimise) and whether clipping was active, all [B, T].
@@ -303,6 +291,19 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
     if mode == "dr-grpo":
         return masked.sum() / (num_sequences * max_len)
     raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def rows_with_gradient(advantages: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Indices of the sequences the update runs forward and backward: those the loss above can move.
+
+    A sequence whose advantages are all 0 has a clipped surrogate of 0 for any ratio, so with no KL
+    term it is left out (the same gradient, less work; the normaliser still counts its tokens). A
+    method that adds any other per-token term (an entropy bonus, an SFT term) returns every
+    sequence here, or that term never trains on the zero-advantage ones.
+    """
+    if kl_coef > 0:
+        return torch.arange(advantages.shape[0])
+    return torch.nonzero((advantages != 0).any(dim=1)).flatten().cpu()
 # ALGO LOGIC END
 
 
@@ -357,9 +358,9 @@ def frozen_logprobs(model, batch, args):
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
     """Forward and backward over the sequences `indices` of one minibatch, in micro-batches.
 
-    Sequences with zero advantage carry no policy gradient (the surrogate is 0 for any ratio),
-    so with no KL term they are left out entirely; `totals` still counts them, so the loss
-    normalisation is exactly that of the full minibatch. Returns summed statistics.
+    `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
+    whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
+    are left out. Returns summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for start in range(0, len(indices), args.micro_batch_size):
@@ -395,7 +396,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
+    trained = rows_with_gradient(batch["advantages"], args.kl_coef)  # the method's choice (its first marked block)
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -419,7 +420,55 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
             "clip_fraction": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens if totals["tokens"] else None,
             "skipped_sequences": size - len(trained)}, old_logp
-# ALGO LOGIC: the implicit PRM's step: process rewards and one update on the outcome labels.
+# ALGO LOGIC: the prompt filter's draws (sample -> verify -> filter), and the implicit PRM's step.
+def fill_batch(in_band: torch.Tensor, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which groups (of all drawn, in draw order) make a step's batch of `num_prompts`, and which of them train.
+
+    The first `num_prompts` in-band groups; if fewer were drawn, the first groups the filter dropped
+    top the batch up (they keep its size and train nothing; the step leaves their tokens out of the
+    loss's normaliser). Returns indices [num_prompts] and trained [num_prompts] bool.
+    """
+    kept = in_band.nonzero().flatten()[:num_prompts]
+    topped_up = (~in_band).nonzero().flatten()[:num_prompts - len(kept)]
+    return torch.cat([kept, topped_up]), torch.arange(num_prompts) < len(kept)
+
+
+def sample_filtered(engine, tokenizer, problems, reserve, step, args, device):
+    """Sample G responses to each prompt, verify them, and keep the prompts whose accuracy lies in
+    [--accuracy-lower-bound, --accuracy-upper-bound] (the authors' `filter`). While fewer than
+    --num-prompts are kept, sample as many more of the reserve's prompts as are missing at the keep
+    rate so far, at most --max-extra-draws times (at places fixed per step: a resumed run draws the
+    same); fill_batch picks the batch. All draws come from the policy before its update, so one
+    engine check and sync after it covers them. Returns the batch's rollout [B], rewards [P, G], which
+    groups train [P], the filter's metrics, and the seconds spent generating and scoring."""
+    generate_time = score_time = 0.0
+    draws, drawn_rewards, in_band = [], [], torch.zeros(0, dtype=torch.bool)
+    with engine.awake():  # a vLLM engine that sleeps between rollouts wakes once for all of a step's draws
+        while len(draws) <= args.max_extra_draws and (not draws or in_band.sum() < args.num_prompts):
+            if draws:
+                kept, missing = int(in_band.sum()), args.num_prompts - int(in_band.sum())
+                count = min(args.num_prompts, math.ceil(missing * len(in_band) / kept)) if kept else args.num_prompts
+                first = ((step - 1) * args.max_extra_draws + len(draws) - 1) * args.num_prompts
+                problems = [reserve[first + i] for i in range(count)]
+            draw_start = time.time()
+            prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
+            draws.append(engine.generate([prompt for prompt in prompts for _ in range(args.group_size)],
+                                         args.max_new_tokens, args.temperature))
+            score_start = time.time()
+            answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
+            drawn_rewards.append(torch.tensor(score_batch(draws[-1].texts, answers), device=device).view(-1, args.group_size))
+            generate_time += score_start - draw_start
+            score_time += time.time() - score_start
+            in_band = torch.cat([in_band, prompts_in_band(drawn_rewards[-1], args.accuracy_lower_bound,
+                                                          args.accuracy_upper_bound).cpu()])
+    groups, trained = fill_batch(in_band, args.num_prompts)
+    rollout = select_rollout(concat_rollouts(draws, tokenizer.pad_token_id),
+                             [group * args.group_size + member for group in groups.tolist() for member in range(args.group_size)])
+    # reward_mean covers every response sampled this step: the filtered batch sits near 0.5 by design.
+    metrics = {"reward_mean": torch.cat(drawn_rewards).mean().item(), "filter_keep_rate": in_band.float().mean().item(),
+               "filter_draws": len(draws), "trained_prompts": int(trained.sum())}
+    return rollout, torch.cat(drawn_rewards)[groups.to(device)], trained, metrics, generate_time, score_time
+
 
 
 def update_prm(prm, prm_reference, prm_optimizer, prm_scheduler, batch, outcomes, args):
@@ -550,39 +599,11 @@ def main(argv=None):
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
     for step in progress:
         step_start = time.time()
-        # ALGO LOGIC: sample G responses to each prompt and score them with the verifier (reward 1 or 0), then the
-        # prompt filter (the authors' `filter`): keep prompts whose sampled accuracy lies in [--accuracy-lower-bound,
-        # --accuracy-upper-bound]. While fewer than --num-prompts are kept, sample more of the reserve's prompts, at
-        # most --max-extra-draws times, about as many as are missing at the keep rate so far (each step has its own
-        # places in the reserve, so a resumed run draws the same ones); then fill_batch picks the batch. Every draw
-        # samples from the same policy, before its update, so one engine check and sync after the update covers them.
+        # ALGO LOGIC: sample G responses to each prompt, verify them, and filter (sample_filtered): a batch of
+        # --num-prompts groups whose accuracy lies in the band, its rewards, and which of its groups train.
         problems = [train_stream[(step - 1) * args.num_prompts + i] for i in range(args.num_prompts)]
-        draws, drawn_rewards, in_band = [], [], torch.zeros(0, dtype=torch.bool)
-        generate_time = score_time = 0.0
-        with engine.awake():  # a vLLM engine that sleeps between rollouts wakes once for all of a step's draws
-            while len(draws) <= args.max_extra_draws and (not draws or in_band.sum() < args.num_prompts):
-                if draws:
-                    kept = int(in_band.sum())
-                    count = min(args.num_prompts, math.ceil((args.num_prompts - kept) * len(in_band) / kept)) if kept else args.num_prompts
-                    first = ((step - 1) * args.max_extra_draws + len(draws) - 1) * args.num_prompts
-                    problems = [reserve_stream[first + i] for i in range(count)]
-                draw_start = time.time()
-                prompts = [render_prompt(tokenizer, problem["question"], args.template) for problem in problems]
-                draws.append(engine.generate([prompt for prompt in prompts for _ in range(args.group_size)],
-                                             args.max_new_tokens, args.temperature))
-                score_start = time.time()
-                answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
-                drawn_rewards.append(torch.tensor(score_batch(draws[-1].texts, answers), device=device).view(len(problems), args.group_size))
-                generate_time += score_start - draw_start
-                score_time += time.time() - score_start
-                in_band = torch.cat([in_band, prompts_in_band(drawn_rewards[-1], args.accuracy_lower_bound, args.accuracy_upper_bound).cpu()])
-        groups, trained_prompts = fill_batch(in_band, args.num_prompts)
-        rollout = select_rollout(concat_rollouts(draws, tokenizer.pad_token_id),
-                                 [group * args.group_size + member for group in groups.tolist() for member in range(args.group_size)])
-        rewards = torch.cat(drawn_rewards)[groups.to(device)]
-        # reward_mean covers every response sampled this step: the filtered batch sits near 0.5 by design.
-        filter_metrics = {"reward_mean": torch.cat(drawn_rewards).mean().item(), "filter_keep_rate": in_band.float().mean().item(),
-                          "filter_draws": len(draws), "trained_prompts": int(trained_prompts.sum())}
+        rollout, rewards, trained_prompts, filter_metrics, generate_time, score_time = sample_filtered(
+            engine, tokenizer, problems, reserve_stream, step, args, device)
         # ALGO LOGIC END
 
         train_start = time.time()
@@ -590,8 +611,10 @@ def main(argv=None):
         train_rewards = rewards.flatten()[torch.randperm(batch_size)].view_as(rewards) if args.shuffle_rewards else rewards
         # ALGO LOGIC: PRIME's advantages. The PRM gives the trained groups' process rewards q and takes its
         # step on their outcome labels; leave-one-out baselines, returns and whitening make the advantages.
-        # Topped-up groups get 0 and stay out of the PRM's step.
+        # Topped-up groups get 0, stay out of the PRM's step and, with mask 0, out of the loss's token count:
+        # a short step's trained tokens weigh what a full step's do.
         trained = trained_prompts.repeat_interleave(args.group_size).to(device)  # [B] bool
+        mask = mask * trained.unsqueeze(1)
         advantages = torch.zeros_like(mask)  # [B, C]
         prm_metrics = dict.fromkeys(("prm_loss", "prm_accuracy", "prm_pairwise_accuracy", "prm_grad_norm", "process_reward_mean",
                                      "process_reward_std"))

@@ -36,7 +36,9 @@ from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, ren
 from common.evaluation import Evaluator
 from common.verify import score_batch
 # ALGO LOGIC END
-# ALGO LOGIC: the process reward model and the step splitting it reads.
+# ALGO LOGIC: the process reward model and the step splitting it reads; the KL's own temperature.
+from dataclasses import replace
+
 from common.prm import PRM_TEMPLATES, ToyArithmeticPRM, load_discriminative_prm, split_into_steps
 # ALGO LOGIC END
 
@@ -110,7 +112,11 @@ class Args:
     verifiable_coef: float = field(default=1.0, metadata={"help": "weight of the verifiable reward"})
     kl_reward_coef: float = field(default=0.0, metadata={"help": "beta of the KL-to-reference penalty inside the per-token reward, as the authors do it (paper: 0.001); 0 loads no reference"})
     kl_reward_estimator: str = field(default="k1", metadata={"help": "KL estimator inside the reward (authors' default: k1)", "choices": KL_ESTIMATORS})
-    normalize_advantages: bool = field(default=True, metadata={"help": "whiten advantages over all trained tokens of the batch (the authors' default)"})
+    kl_reward_at_sampling_temperature: bool = field(default=False, metadata={"help": (
+        "KL in the reward from logits divided by --temperature (default: at temperature 1, as the authors' actor)")})
+    whitening: str = field(default="authors", metadata={"choices": ("authors", "trained", "none"), "help": (
+        "advantages whitened over the batch as the authors' replay_buffer.normalize (the zeroed separator/EOS tokens "
+        "add (0 - mean)^2 to the variance's sum, not to its count), over the trained tokens only, or not at all")})
 
 
 # ALGO LOGIC: PURE's credit assignment (pure functions), then grpo.py's loss arithmetic unchanged.
@@ -180,7 +186,8 @@ def verifiable_rewards(solved: torch.Tensor, has_reference: torch.Tensor) -> tor
 
 
 def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solved, has_reference,
-                    credit="softmax-min", temperature=0.1, verifiable_coef=1.0, kl=None, kl_coef=0.0, normalize=True):
+                    credit="softmax-min", temperature=0.1, verifiable_coef=1.0, kl=None, kl_coef=0.0,
+                    whitening="authors"):
     """Per-token advantages [B, C] from PRM step scores r [B, K] (PURE's reward pipeline).
 
     step_ends [B, K]: token position of each step's end (its blank line's last token, or EOS);
@@ -193,8 +200,10 @@ def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solv
         A_t       = sum_{t' >= t} reward_t'                               (gamma = 1)
 
     Step-end tokens (separators and EOS) get advantage 0, as in the authors' code; the other
-    tokens are whitened over the batch: (A - mean) / sqrt(var), both over the trained tokens.
-    (The authors' variance also counts the zeroed end tokens, as (0 - mean)^2; we leave them out.)
+    tokens are whitened over the batch, (A - mean) / sqrt(var), with mean and var divided by the
+    number of trained tokens N. "authors" (their replay_buffer.normalize, the default): the end
+    tokens, zeroed before whitening, still add (0 - mean)^2 to the squared sum, so var is
+    [sum_trained (A - mean)^2 + ends * mean^2] / N; "trained": var over the trained tokens alone.
     Returns the advantages and rhat.
     """
     size, group_size = step_rewards.shape[0], solved.shape[1]
@@ -210,9 +219,10 @@ def pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, solv
     returns = rewards.flip(-1).cumsum(dim=-1).flip(-1)
     ends = torch.zeros_like(mask).scatter_add_(1, step_ends, step_mask.to(mask.dtype)) > 0
     trained = mask.bool() & ~ends
-    if normalize and trained.any():
-        values = returns[trained]
-        returns = (returns - values.mean()) * values.var(unbiased=False).clamp(min=1e-8).rsqrt()
+    if whitening != "none" and trained.any():
+        mean = returns[trained].mean()
+        spread = (returns * trained - mean) ** 2 * (mask if whitening == "authors" else trained)
+        returns = (returns - mean) * (spread.sum() / trained.sum()).clamp(min=1e-8).rsqrt()
     return returns * trained, rhat
 
 
@@ -244,6 +254,19 @@ def pure_metrics(step_rewards, step_mask, has_reference, prm_time) -> dict:
             "prm_sum_score": (step_rewards * step_mask).sum(dim=1).mean().item(),
             "min_before_last_fraction": (lowest.indices != counts - 1).float().mean().item(),
             "verifiable_prompts": has_reference.float().mean().item(), "time_prm": prm_time}
+
+
+def reward_kl(policy, reference, sampled, args) -> torch.Tensor:
+    """Per-token KL estimate [B, C] of the policy before its update against the reference, for the reward.
+
+    At temperature 1 by default, as the authors' actor (openrlhf/models/actor.py; they sample at 0.5),
+    the quantity their 0.001 was tuned on; --kl-reward-at-sampling-temperature divides by --temperature.
+    The PPO ratio stays at the sampling temperature (theirs is at 1): pi_old is then the distribution
+    the tokens were drawn from, and the vLLM check compares the trainer's log-probs with the sampler's.
+    """
+    at = args if args.kl_reward_at_sampling_temperature else replace(args, temperature=1.0)
+    return kl_penalty(frozen_logprobs(policy, sampled, at), frozen_logprobs(reference, sampled, at),
+                      args.kl_reward_estimator)
 
 
 def clipped_surrogate(logp, old_logp, advantages, eps_low=0.2, eps_high=0.2, dual_clip=None):
@@ -302,6 +325,19 @@ def aggregate_loss(token_loss, mask, mode, num_sequences=None, num_tokens=None, 
     if mode == "dr-grpo":
         return masked.sum() / (num_sequences * max_len)
     raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def rows_with_gradient(advantages: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Indices of the sequences the update runs forward and backward: those the loss above can move.
+
+    A sequence whose advantages are all 0 has a clipped surrogate of 0 for any ratio, so with no KL
+    term it is left out (the same gradient, less work; the normaliser still counts its tokens). A
+    method that adds any other per-token term (an entropy bonus, an SFT term) returns every
+    sequence here, or that term never trains on the zero-advantage ones.
+    """
+    if kl_coef > 0:
+        return torch.arange(advantages.shape[0])
+    return torch.nonzero((advantages != 0).any(dim=1)).flatten().cpu()
 # ALGO LOGIC END
 
 
@@ -365,9 +401,9 @@ def frozen_logprobs(model, batch, args):
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
     """Forward and backward over the sequences `indices` of one minibatch, in micro-batches.
 
-    Sequences with zero advantage carry no policy gradient (the surrogate is 0 for any ratio),
-    so with no KL term they are left out entirely; `totals` still counts them, so the loss
-    normalisation is exactly that of the full minibatch. Returns summed statistics.
+    `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
+    whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
+    are left out. Returns summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for start in range(0, len(indices), args.micro_batch_size):
@@ -403,7 +439,7 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     """
     size = batch["input_ids"].shape[0]
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
-    trained = torch.arange(size) if args.kl_coef > 0 else torch.nonzero((batch["advantages"] != 0).any(dim=1)).flatten().cpu()
+    trained = rows_with_gradient(batch["advantages"], args.kl_coef)  # the method's choice (its first marked block)
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
         old_logp = frozen_logprobs(policy, batch, args)
     ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
@@ -536,11 +572,10 @@ def main(argv=None):
         if reward_ref_model is not None:  # pi_old and pi_ref on the sampled tokens, before any update
             sampled = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                        "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1), "mask": mask}
-            kl = kl_penalty(frozen_logprobs(policy, sampled, args), frozen_logprobs(reward_ref_model, sampled, args),
-                            args.kl_reward_estimator)
+            kl = reward_kl(policy, reward_ref_model, sampled, args)
         advantages, _ = pure_advantages(step_rewards, step_mask, step_ends, step_lengths, mask, train_rewards, has_reference,
                                         args.credit, args.min_form_temperature, args.verifiable_coef, kl,
-                                        args.kl_reward_coef, args.normalize_advantages)  # [B, C]
+                                        args.kl_reward_coef, args.whitening)  # [B, C]
         # ALGO LOGIC END
         batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
                  "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),

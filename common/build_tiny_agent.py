@@ -106,7 +106,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     validation = {"validation": [describe_task(KEYDOOR, train_seed(VALIDATION_SEED, i)) for i in range(VALIDATION_SIZE)]}
-    evaluate = EpisodeEvaluator(TransformersEngine(model, tokenizer), validation, "chat", 16, 250, 1, 1.0, MAX_TURNS, HISTORY_LENGTH, 0.1)
+    evaluate = EpisodeEvaluator(TransformersEngine(model, tokenizer), validation, "chat", 16, 250, 1, 1.0, MAX_TURNS,
+                                HISTORY_LENGTH)
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):

@@ -13,8 +13,8 @@ or a TextWorld "game" file). Sources:
 Every turn is one sample: the prompt holds the task, the admissible actions where the environment
 knows them, the last `history_length` (observation, action) pairs and the current observation;
 the response must put its action in <action>...</action>. A response without one is an invalid
-action: the environment does not see it, the state stays as it was, and the turn gets
-`-invalid_penalty` as its reward.
+action: the environment does not see it, the state stays as it was, and the turn's reward is 0
+(a trainer's penalty for it is the trainer's business: gigpo.py's --invalid-action-penalty).
 """
 
 import re
@@ -141,7 +141,7 @@ class Turn:
     text: str  # the decoded response
     action: str | None  # the parsed action; None: invalid
     anchor: str  # the environment's state key before the action
-    reward: float
+    reward: float  # the environment's (0 for an invalid action, which it never sees)
     logprobs: torch.Tensor | None = None  # [C] the sampler's log-prob of each completion token, where it gives them
 
 
@@ -158,7 +158,7 @@ class Episode:
 
 
 def run_episodes(engine, tasks: list[dict], template: str, max_new_tokens: int, max_turns: int, history_length: int,
-                 invalid_penalty: float, temperature: float = 1.0, greedy: bool = False) -> list[Episode]:
+                 temperature: float = 1.0, greedy: bool = False) -> list[Episode]:
     """Play one episode per task, all at once: each turn, one batched `engine.generate` call for the running ones.
 
     `engine`: the run's rollout engine (common.rollout), so a vLLM run plays its episodes with vLLM.
@@ -183,8 +183,8 @@ def run_episodes(engine, tasks: list[dict], template: str, max_new_tokens: int, 
             for row, i in enumerate(running):
                 env, episode = envs[i], episodes[i]
                 action, anchor = parse_action(rollout.texts[row]), env.anchor()
-                if action is None:  # the environment never sees it: same state, a penalty
-                    reward = -invalid_penalty
+                if action is None:  # the environment never sees it: same state, no reward
+                    reward = 0.0
                 else:
                     observation, reward, episode.done, info = env.step(action)
                     episode.won = bool(info.get("won"))
@@ -235,11 +235,10 @@ class EpisodeEvaluator(Evaluator):
     `samples` k > 0, mean@k (mean success of k sampled episodes per task) and the unbiased pass@k."""
 
     def __init__(self, engine, eval_sets: dict[str, list[dict]], template: str, max_new_tokens: int,
-                 batch_size: int, samples: int, temperature: float, max_turns: int, history_length: int,
-                 invalid_penalty: float):
+                 batch_size: int, samples: int, temperature: float, max_turns: int, history_length: int):
         super().__init__(engine, eval_sets, template, max_new_tokens, batch_size, samples, temperature)
         self.episode_settings = {"template": template, "max_new_tokens": max_new_tokens, "max_turns": max_turns,
-                                 "history_length": history_length, "invalid_penalty": invalid_penalty}
+                                 "history_length": history_length}
 
     def _play(self, tasks: list[dict], **sampling) -> list[Episode]:
         return [episode for start in range(0, len(tasks), self.batch_size)

@@ -22,7 +22,7 @@ from common.keydoor import (COMMANDS, WIN_REWARD, KeyDoorEnv, expert_action_prob
 from common.model import load_model, load_tokenizer
 from common.rollout import Rollout, TransformersEngine
 import gigpo
-from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, step_groups
+from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, penalised_returns, step_groups
 from grpo_runs import read_steps, run_trainer
 
 # A short run: 2 layouts x 4 episodes, 20 held-out layouts.
@@ -143,6 +143,80 @@ def test_step_groups_never_join_different_tasks_and_similarity_joins_near_copies
     assert step_groups(near, [0, 0, 0], similarity_threshold=0.9).tolist() == [0, 0, 1]
 
 
+def invalid_in_the_middle(form):
+    """Two episodes of one task, gamma 0.95, penalty 0.1, no std. Episode 0 visits s0, s1 (its
+    action there is invalid, so it stays), s1, s2 and wins 10; episode 1 visits s0, s1, s3, s3 for
+    nothing. Step groups: s0 {0:0, 1:0}, s1 {0:1, 0:2, 1:1}, s2 {0:3}, s3 {1:2, 1:3}."""
+    rewards = [[0.0, 0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]]
+    invalid = [[False, True, False, False], [False] * 4]
+    episode_returns, turn_penalty, step_returns = penalised_returns(rewards, invalid, 0.95, 0.1, form)
+    groups = step_groups(["s0", "s1", "s1", "s2", "s0", "s1", "s3", "s3"], [0] * 8)
+    turn_episode = torch.tensor([0] * 4 + [1] * 4)
+    advantages = {stats: gigpo_advantages(episode_returns.view(1, 2), step_returns, turn_episode, groups, 1.0,
+                                          scale_by_std=False, episode_stats=stats, turn_penalty=turn_penalty)
+                  for stats in ("episodes", "steps")}
+    return episode_returns, turn_penalty, step_returns, advantages
+
+
+def test_invalid_action_penalty_comes_off_its_own_turn_after_discounting_as_the_authors_do():
+    episode_returns, turn_penalty, step_returns, advantages = invalid_in_the_middle("turn")
+    assert episode_returns.tolist() == [10.0, 0.0]  # the environment's returns
+    assert turn_penalty.tolist() == pytest.approx([0, 0.1, 0, 0, 0, 0, 0, 0])
+    # Discounted from the environment's rewards (0.95^3 * 10, 0.95^2 * 10, ...), then 0.1 off the invalid turn only.
+    assert step_returns.tolist() == pytest.approx([8.57375, 9.025 - 0.1, 9.5, 10, 0, 0, 0, 0], abs=1e-5)
+    # Step level: s0 {8.57375, 0} -> +-4.286875; s1 {8.925, 9.5, 0}, mean 6.141667; s2, s3 -> 0.
+    step_level = [4.286875, 2.783333, 3.358333, 0, -4.286875, -6.141667, 0, 0]
+    # Episode level, per turn: its episode's return less its own penalty, against the mean of the
+    # two returns (paper, 5) or of the eight turns' scores (authors' code, 39.9 / 8 = 4.9875).
+    over_episodes = [5, 4.9, 5, 5, -5, -5, -5, -5]
+    over_steps = [5.0125, 4.9125, 5.0125, 5.0125, -4.9875, -4.9875, -4.9875, -4.9875]
+    for stats, episode_level in (("episodes", over_episodes), ("steps", over_steps)):
+        expected = [e + s for e, s in zip(episode_level, step_level)]
+        assert advantages[stats].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_invalid_action_penalty_as_a_turn_reward_is_discounted_into_the_turns_before_it():
+    episode_returns, turn_penalty, step_returns, advantages = invalid_in_the_middle("reward")
+    assert episode_returns.tolist() == pytest.approx([9.9, 0.0])
+    assert turn_penalty.tolist() == [0.0] * 8
+    # -0.1 at turn 1: 0.95 * 9.5 - 0.1 = 8.925 there, and 0.95 * 8.925 = 8.47875 at turn 0.
+    assert step_returns.tolist() == pytest.approx([8.47875, 8.925, 9.5, 10, 0, 0, 0, 0], abs=1e-5)
+    step_level = [4.239375, 2.783333, 3.358333, 0, -4.239375, -6.141667, 0, 0]
+    for stats in ("episodes", "steps"):  # every turn of an episode has the same score: both means are 4.95
+        expected = [4.95 + s for s in step_level[:4]] + [-4.95 + s for s in step_level[4:]]
+        assert advantages[stats].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_penalised_turn_of_a_task_whose_returns_are_all_equal_gets_no_episode_level_advantage():
+    episode_returns, turn_penalty, step_returns = penalised_returns([[0.0, 0.0], [0.0, 0.0]],
+                                                                    [[False, True], [False, False]], 0.95, 0.1)
+    def episode_level(stats):
+        return gigpo_advantages(episode_returns.view(1, 2), step_returns, torch.tensor([0, 0, 1, 1]),
+                                torch.arange(4), 0.0, episode_stats=stats, turn_penalty=turn_penalty)
+    assert episode_level("episodes").tolist() == [0.0] * 4  # the G returns carry no signal
+    over_steps = episode_level("steps")  # the authors' statistics: the penalised score stands out
+    assert over_steps[1] < 0 < over_steps[0] and over_steps[0] == over_steps[2] == over_steps[3]
+
+
+ROOM = ("You are in a corridor. There is a door to the north, a door to the south and a door to the east. "
+        "You see a chest here. The chest is closed. You are carrying a key. The corridor is dark and the door "
+        "to the north is open. You hear a noise to the south, you see a light to the east, and the key is heavy.")
+
+
+@pytest.mark.parametrize("anchors, threshold, groups", [
+    # verl-agent's are_similar(obs, rep) (gigpo/core_gigpo.py), run on these pairs, with obs the later
+    # turn's anchor and rep the group's first: ratio 0.996678 for the 301-character room and the same
+    # text with its first letter changed (0.096346 the other way round, where difflib's autojunk drops
+    # the frequent characters of the first room), and 0.4 for the short pair (0.266667 the other way).
+    ([ROOM, "X" + ROOM[1:]], 0.9, [0, 0]),
+    (["X" + ROOM[1:], ROOM], 0.9, [0, 1]),
+    (["babcbbb", "bcacabaa"], 0.3, [0, 0]),
+    (["bcacabaa", "babcbbb"], 0.3, [0, 1]),
+])
+def test_similarity_puts_the_new_anchor_first_as_the_authors_do(anchors, threshold, groups):
+    assert step_groups(anchors, [0, 0], similarity_threshold=threshold).tolist() == groups
+
+
 # The built-in environment.
 
 def test_keydoor_is_deterministic_under_a_seed():
@@ -231,12 +305,12 @@ class ScriptedEngine:
         return contextlib.nullcontext()
 
 
-def test_an_invalid_action_keeps_the_state_and_costs_the_penalty():
+def test_an_invalid_action_keeps_the_state_and_earns_nothing_from_the_environment():
     tasks = [describe_task(KEYDOOR, 11)] * 2
     engine = ScriptedEngine([["no tags", "<action>go north</action>"]])
-    episodes = run_episodes(engine, tasks, "chat", 4, 1, 2, 0.1)
+    episodes = run_episodes(engine, tasks, "chat", 4, 1, 2)
     invalid, valid = episodes[0].turns[0], episodes[1].turns[0]
-    assert invalid.action is None and invalid.reward == -0.1 and not episodes[0].won
+    assert invalid.action is None and invalid.reward == 0.0 and not episodes[0].won
     assert valid.action == "go north" and valid.reward == 0.0
     assert invalid.anchor == valid.anchor == tasks[0]["question"].rsplit("Observation: ", 1)[1]
     assert engine.prompts == [[render_prompt(engine.tokenizer, task["question"], "chat") for task in tasks]]
@@ -246,14 +320,15 @@ def test_turns_keep_the_samplers_logprobs_and_stack_them_row_for_row():
     """What the rollout engine's check and --tis-cap read on gigpo's batch of turns, padded minibatches included."""
     tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:2]]
     replies = [["<action>dance</action>", "no tags"], ["<action>go west</action>", "<action>take key</action>"]]
-    turns = [turn for episode in run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0, 0.1) for turn in episode.turns]
+    episodes = run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0)
+    turns = [turn for episode in episodes for turn in episode.turns]
     # Episode 0's turns were rows 0 of the two generate calls, episode 1's rows 1.
     assert [turn.logprobs.tolist() for turn in turns] == [pytest.approx(row) for row in
                                                           ([-1.0, -1.1], [-2.0, -2.1], [-1.2, -1.3], [-2.2, -2.3])]
     rows = [3, 0, 2, 0]  # an order with a copy, as the trainer's minibatch padding makes
     stacked = stack_turns([turns[row] for row in rows], pad_token_id=0)
     assert torch.equal(stacked.logprobs, torch.stack([turns[row].logprobs for row in rows]))
-    greedy = run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0, 0.1, greedy=True)
+    greedy = run_episodes(ScriptedEngine(replies), tasks, "chat", 4, 2, 0, greedy=True)
     assert stack_turns([turn for episode in greedy for turn in episode.turns], pad_token_id=0).logprobs is None
 
 
@@ -268,7 +343,7 @@ def test_each_turn_is_one_generate_call_for_the_episodes_still_running():
     engine = CountingEngine(load_model("tiny-agent", "cpu"), load_tokenizer("tiny-agent"))
     tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:3] for _ in range(2)]
     torch.manual_seed(0)
-    episodes = run_episodes(engine, tasks, "chat", 16, 8, 2, 0.1)
+    episodes = run_episodes(engine, tasks, "chat", 16, 8, 2)
     running = [sum(len(episode.turns) > turn for episode in episodes) for turn in range(8)]
     assert calls == [count for count in running if count] and calls[0] == 6
     assert all(episode.won == (episode.turns[-1].reward == WIN_REWARD) for episode in episodes)
@@ -309,8 +384,27 @@ def test_short_run_learns_nothing_wrong_and_logs_the_agent_metrics(tmp_path):
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
 
 
+def test_minibatch_rows_split_each_step_into_as_many_equal_minibatches_as_its_turns_need(tmp_path, monkeypatch):
+    """verl-agent splits a step's turns into minibatches of 256 rows; the count of turns varies by step."""
+    updates = []
+
+    def recording_update(policy, ref_model, optimizer, scheduler, batch, args):
+        updates.append((batch["mask"].shape[0], args.num_minibatches))
+        return update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+
+    update_policy = gigpo.update_policy
+    monkeypatch.setattr(gigpo, "update_policy", recording_update)
+    gigpo.main([*SHORT_RUN, "--total-steps", "2", "--eval-size", "2", "--minibatch-rows", "5",
+                "--runs-dir", str(tmp_path)])
+    [run_dir] = tmp_path.iterdir()
+    for (rows, minibatches), step in zip(updates, read_steps(run_dir)):
+        assert minibatches == math.ceil(step["turns"] / 5) and rows % minibatches == 0
+        assert step["turns"] <= rows < step["turns"] + minibatches and rows // minibatches <= 5
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--similarity-threshold", "1.5"], "--similarity-threshold"),
+    (["--minibatch-rows", "8", "--num-minibatches", "2"], "not both"),
     (["--dataset", "nowhere.z8"], "unknown environment"),
     (["--prompt-key", "q"], "prompt-key"),
     (["--eval-dataset", "gsm8k"], "unknown environment"),

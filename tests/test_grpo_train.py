@@ -1,5 +1,6 @@
 """grpo.py as a trainer: the update's shortcuts are exact, and whole runs work, resume and fail cleanly."""
 
+import importlib
 import json
 import os
 import signal
@@ -48,6 +49,41 @@ def test_skipping_zero_advantage_sequences_gives_the_same_gradient(sampled_batch
     for g_full, g_skip in zip(full, skipped):
         # Equal up to float32 summation order (micro-batches group the sequences differently).
         assert (g_full - g_skip).abs().max() <= 1e-5 * g_full.abs().max() + 1e-9
+
+
+TRAINERS = ["grpo", "hicra", "prime", "pure", "tempo", "gigpo"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_per_token_term_added_to_the_loss_trains_zero_advantage_sequences_once_they_are_chosen(trainer,
+                                                                                                  monkeypatch):
+    """The trap for whoever copies a trainer: its update leaves out zero-advantage sequences unless
+    rows_with_gradient, in the method's marked block, picks them. An SFT-style term added to the
+    loss (-0.1 log p on every token) on a batch whose advantages are all 0 trains nothing as the
+    file stands, and trains once the marked block returns every sequence; nothing else changes."""
+    module = importlib.import_module(trainer)
+    policy, batch = sampled_tiny_batch()
+    batch["advantages"] = torch.zeros_like(batch["mask"])
+    surrogate = module.clipped_surrogate
+
+    def with_sft_term(logp, *rest):
+        token_loss, clipped = surrogate(logp, *rest)
+        return token_loss - 0.1 * logp, clipped
+
+    def gradient_norm():
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        norms = []
+        parameters = list(policy.parameters())
+        optimizer.step = lambda: norms.append(sum(p.grad.norm().item() for p in parameters if p.grad is not None))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=0.0), lambda step: 1.0)
+        args = module.Args(micro_batch_size=8, max_new_tokens=48)
+        module.update_policy(policy, None, optimizer, scheduler, batch, args)
+        return norms[0]
+
+    monkeypatch.setattr(module, "clipped_surrogate", with_sft_term)
+    assert gradient_norm() == 0.0
+    monkeypatch.setattr(module, "rows_with_gradient", lambda advantages, kl_coef: torch.arange(advantages.shape[0]))
+    assert gradient_norm() > 0.0
 
 
 def test_first_pass_takes_old_logprobs_from_the_training_forward(sampled_batch):

@@ -189,6 +189,65 @@ def test_fill_batch_takes_in_band_groups_first_then_tops_up(in_band, num_prompts
     assert trained.tolist() == [True] * len(kept) + [False] * len(dropped)
 
 
+class RecordingOptimizer:
+    """Stands in for AdamW (whose first step is blind to the gradient's scale): keeps each step's gradients."""
+
+    def __init__(self, params):
+        self.params, self.gradients = list(params), []
+
+    def zero_grad(self, set_to_none=True):
+        for param in self.params:
+            param.grad = None
+
+    def step(self):
+        self.gradients.append(torch.cat([param.grad.flatten() for param in self.params]))
+
+
+def test_rows_with_mask_zero_stay_out_of_the_token_mean_normaliser():
+    """Group 0 trains; group 1 topped the batch up (advantage 0). With its mask 0, as prime.py gives
+    it, the gradient is exactly that of group 0 alone; counted in the normaliser it would shrink."""
+    policy, batch = sampled_tiny_batch()
+    torch.manual_seed(1)
+    batch["advantages"] = torch.cat([torch.randn(4, batch["mask"].shape[1]), torch.zeros(4, batch["mask"].shape[1])])
+    batch["advantages"] *= batch["mask"]
+    args = Args(micro_batch_size=8, max_grad_norm=1e9)  # no clipping: the gradient's scale is the point
+
+    def gradient(rows, topped_up_mask):
+        part = {key: value[rows].clone() for key, value in batch.items()}
+        part["mask"][4:] *= topped_up_mask
+        optimizer = RecordingOptimizer(policy.parameters())
+        prime.update_policy(policy, None, optimizer, torch.optim.lr_scheduler.LambdaLR(
+            torch.optim.SGD([torch.zeros(1)], lr=0.0), lambda step: 1.0), part, args)
+        return optimizer.gradients[0]
+
+    alone = gradient(torch.arange(4), 1.0)
+    assert torch.allclose(gradient(torch.arange(8), 0.0), alone, atol=1e-7)
+    counted = gradient(torch.arange(8), 1.0)  # the topped-up tokens in the count: a smaller step
+    share = (batch["mask"][:4].sum() / batch["mask"].sum()).item()
+    assert torch.allclose(counted, alone * share, atol=1e-7) and share < 0.9
+
+
+def test_a_short_step_hands_the_update_its_topped_up_rows_with_mask_zero(tmp_path, monkeypatch):
+    """Exactly 1 of 4 right (the band [0.25, 0.25]) and no extra draw: steps fall short of 4 prompts."""
+    batches = []
+
+    def recording_update(policy, ref_model, optimizer, scheduler, batch, args):
+        batches.append({key: value.clone() for key, value in batch.items()})
+        return update_policy(policy, ref_model, optimizer, scheduler, batch, args)
+
+    update_policy = prime.update_policy
+    monkeypatch.setattr(prime, "update_policy", recording_update)
+    prime.main([*SHORT_RUN, "--total-steps", "3", "--accuracy-lower-bound", "0.25", "--accuracy-upper-bound", "0.25",
+                "--max-extra-draws", "0", "--eval-size", "2", "--runs-dir", str(tmp_path)])
+    [run_dir] = tmp_path.iterdir()
+    trained_prompts = [m["trained_prompts"] for m in read_steps(run_dir)]
+    assert any(0 < count < 4 for count in trained_prompts), trained_prompts
+    for batch, count in zip(batches, trained_prompts):
+        trained = (batch["advantages"] != 0).any(dim=1)
+        assert trained.sum() == 4 * count
+        assert (batch["mask"][~trained] == 0).all() and (batch["mask"][trained].sum(dim=1) > 0).all()
+
+
 def test_prm_accuracy_is_agreement_of_the_sign_of_the_implicit_reward_with_the_verifier():
     q, mask = f64([[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0], [3.0, -4.0]]), f64([[1, 1], [1, 0], [1, 1], [1, 1]])
     # sums: 3 (says right), -1 (says wrong: the 0.5 is padding), 0 (sigmoid 0.5: not > 0.5, says wrong), -1

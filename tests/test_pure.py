@@ -169,7 +169,7 @@ def test_token_rewards_and_returns_by_hand():
     ends, lengths = torch.tensor([[2, 5], [3, 0]]), f64([[2, 2], [3, 0]])
     mask = f64([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     advantages, rhat = pure_advantages(scores, step_mask, ends, lengths, mask, f64([[0.0, 1.0]]), torch.tensor([True]),
-                                       credit="sum", normalize=False)
+                                       credit="sum", whitening="none")
     b0 = 0.25 / 4
     r0 = [0, 0, 0.5 - 2 * b0, 0, 0, -0.5 - 2 * b0 - 1.0]
     r1 = [0, 0, 0, 0.25 + 1.0, 0, 0]
@@ -180,9 +180,51 @@ def test_token_rewards_and_returns_by_hand():
     assert rhat.tolist() == [[0.5, -0.5], [0.25, 0.0]]
 
 
+def test_kl_in_the_reward_is_taken_at_temperature_one_unless_asked_for_the_sampling_temperature():
+    """The authors' actor takes log-probs from raw logits although it samples at 0.5; the flag
+    divides the logits by --temperature first, as the policy loss always does."""
+    config = Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    policy, reference = Qwen2ForCausalLM(config).eval(), Qwen2ForCausalLM(config).eval()
+    sampled = {"input_ids": torch.randint(0, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long),
+               "mask": torch.ones(3, 5)}
+
+    def k1_at(temperature):
+        policy_logp, reference_logp = (pure.completion_logprobs(model, sampled["input_ids"], sampled["attention_mask"],
+                                                                5, temperature)[0] for model in (policy, reference))
+        return policy_logp - reference_logp
+
+    args = pure.Args(temperature=0.5, kl_reward_estimator="k1", micro_batch_size=2)
+    assert torch.allclose(pure.reward_kl(policy, reference, sampled, args), k1_at(1.0), atol=1e-6)
+    scaled = pure.Args(temperature=0.5, kl_reward_estimator="k1", micro_batch_size=2,
+                       kl_reward_at_sampling_temperature=True)
+    assert torch.allclose(pure.reward_kl(policy, reference, sampled, scaled), k1_at(0.5), atol=1e-6)
+    assert not torch.allclose(k1_at(1.0), k1_at(0.5), atol=1e-3)
+
+
+def test_whitening_as_the_authors_buffer_counts_the_zeroed_ends_in_the_squared_sum_only():
+    """The worked responses above, whitened. Expected values: CJReinforce/PURE's
+    NaiveReplayBuffer.normalize (openrlhf/trainer/ppo_utils/replay_buffer.py) run on these two
+    responses' unnormalised advantages (padding removed, ends at 0): mean 0.25 / 7 over the 7
+    trained tokens, variance (sum over those 7 of (A - mean)^2 + 3 ends * mean^2) / 7."""
+    scores = f64([[0.5, -0.5], [0.25, 0.0]])
+    step_mask = torch.tensor([[True, True], [True, False]])
+    ends, lengths = torch.tensor([[2, 5], [3, 0]]), f64([[2, 2], [3, 0]])
+    mask = f64([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    def whitened(whitening):
+        return pure_advantages(scores, step_mask, ends, lengths, mask, f64([[0.0, 1.0]]), torch.tensor([True]),
+                               credit="sum", whitening=whitening)[0]
+    authors = [[-0.714014, -0.714014, 0, -0.991686, -0.991686, 0], [1.137133, 1.137133, 1.137133, 0, 0, 0]]
+    assert whitened("authors").tolist() == [pytest.approx(row, abs=SPEC) for row in authors]
+    # Over the trained tokens alone the variance is smaller (no ends' mean^2), the advantages larger.
+    trained = [[-0.720962, -0.720962, 0, -1.001336, -1.001336, 0], [1.148199, 1.148199, 1.148199, 0, 0, 0]]
+    assert whitened("trained").tolist() == [pytest.approx(row, abs=SPEC) for row in trained]
+
+
 @PROPERTY
-@given(st.data(), st.sampled_from(CREDITS), st.booleans())
-def test_step_ends_get_zero_advantage_and_the_rest_is_whitened(data, credit, with_kl):
+@given(st.data(), st.sampled_from(CREDITS), st.booleans(), st.sampled_from(["authors", "trained"]))
+def test_step_ends_get_zero_advantage_and_the_rest_is_whitened(data, credit, with_kl, whitening):
     group_size = data.draw(st.integers(2, 4))
     size = 2 * group_size
     rows, ends, lengths, widths = [], [], [], []
@@ -201,16 +243,22 @@ def test_step_ends_get_zero_advantage_and_the_rest_is_whitened(data, credit, wit
     mask = f64([[1.0] * w + [0.0] * (12 - w) for w in widths])
     kl = torch.rand(size, 12, dtype=torch.float64) if with_kl else None
     solved = f64(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=size, max_size=size))).view(2, group_size)
-    advantages, _ = pure_advantages(step_rewards.double(), step_mask, step_ends, step_lengths.double(), mask, solved,
-                                    torch.tensor([True, False]), credit, 0.1, 1.0, kl, 0.01, True)
+    def advantages_when(whitening):
+        return pure_advantages(step_rewards.double(), step_mask, step_ends, step_lengths.double(), mask, solved,
+                               torch.tensor([True, False]), credit, 0.1, 1.0, kl, 0.01, whitening)[0]
+    advantages, raw = advantages_when(whitening), advantages_when("none")
     is_end = torch.zeros(size, 12, dtype=torch.bool)
     for row, row_ends in enumerate(ends):
         is_end[row, row_ends] = True
     assert (advantages[is_end] == 0).all() and (advantages[mask == 0] == 0).all()
-    trained = advantages[(mask == 1) & ~is_end]
-    if trained.numel() > 1 and trained.var(unbiased=False) > 1e-6:
-        assert trained.mean().item() == pytest.approx(0.0, abs=1e-9)
-        assert trained.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-9)
+    trained = (mask == 1) & ~is_end
+    if trained.sum() > 1 and raw[trained].var(unbiased=False) > 1e-6:
+        assert advantages[trained].mean().item() == pytest.approx(0.0, abs=1e-9)
+        # (A - mean) / std over the N trained tokens; the authors' squared sum adds each end's (0 - mean)^2.
+        mean = raw[trained].mean()
+        ends_in_variance = is_end.sum() if whitening == "authors" else 0
+        std = (((raw[trained] - mean) ** 2).sum() + ends_in_variance * mean ** 2).div(trained.sum()).sqrt()
+        assert torch.allclose(advantages[trained], (raw[trained] - mean) / std, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

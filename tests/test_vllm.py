@@ -169,12 +169,12 @@ def test_an_agents_turns_wake_the_engine_once_and_keep_the_samplers_logprobs(vll
                          **ENGINE_OPTIONS)
     engine.sleep_mode = True
     tasks = [describe_task(KEYDOOR, seed) for seed in heldout_seeds()[:4] for _ in range(4)]
-    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0, 0.1)
+    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0)
     assert max(len(episode.turns) for episode in episodes) > 1
     assert engine.asleep and engine.syncs == 1, "the start-up sync only"
     noise = [(name, torch.randn_like(tensor)) for name, tensor in policy.named_parameters(remove_duplicate=False)]
     engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": noise, "is_checkpoint_format": True})
-    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0, 0.1)
+    episodes = run_episodes(engine, tasks, "chat", 16, 6, 0)
     assert engine.asleep and engine.syncs == 2, "one more on waking for the second rollout"
     turns = stack_turns([turn for episode in episodes for turn in episode.turns], tokenizer.pad_token_id)
     with torch.no_grad():
