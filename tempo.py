@@ -6,7 +6,7 @@ of the prefix tree's value at the token, so credit lands where good and bad resp
 
     python tempo.py                   # tiny built-in model + arithmetic task, CPU, about 4 minutes
     python tempo.py --model Qwen3-1.7B --group-size 7 --learning-rate 1e-6 --clip-eps-high 0.28 \\
-        --dataset ../shared/data/gsm8k_train.jsonl --eval-dataset gsm8k --max-new-tokens 1024
+        --dataset data/gsm8k_train.jsonl --eval-dataset gsm8k --max-new-tokens 1024
 """
 
 import random
@@ -42,7 +42,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'"})
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set"})
     eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out sets, comma-separated: arithmetic, math500, aime24, amc23, gsm8k, a file or a hub data set"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: ../shared/data if present)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: this repository's data/)"})
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})

@@ -1,4 +1,4 @@
-"""GiGPO: its advantage arithmetic (properties and the spec's numbers), the built-in environment,
+"""GiGPO: its advantage arithmetic (properties and a task worked by hand), the built-in environment,
 the episode runner, and gigpo.py end to end on the tiny agent model and on the real test model."""
 
 import contextlib
@@ -29,8 +29,8 @@ from grpo_runs import read_metrics, run_trainer
 SHORT_RUN = ["--num-prompts", "2", "--group-size", "4", "--eval-size", "20", "--max-turns", "8"]
 
 
-def spec_example():
-    """Section 6's test vector: two episodes of one task, anchors s0..s3, gamma 0.95."""
+def two_episode_example():
+    """Two episodes of one task, anchors s0..s3, gamma 0.95, worked by hand from the paper's eqs. 3-8."""
     rewards = [[0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]]
     anchors = ["s0", "s1", "s2", "s0", "s1", "s3", "s3"]
     step_returns = torch.tensor([r for episode in rewards for r in discounted_returns(episode, 0.95)])
@@ -39,8 +39,8 @@ def spec_example():
     return episode_returns, step_returns, turn_episode, step_groups(anchors, [0] * 7)
 
 
-def test_spec_vector_without_std():
-    episode_returns, step_returns, turn_episode, groups = spec_example()
+def test_two_episodes_worked_by_hand_without_std():
+    episode_returns, step_returns, turn_episode, groups = two_episode_example()
     assert torch.allclose(step_returns, torch.tensor([9.025, 9.5, 10, 0, 0, 0, 0]))
     assert groups.tolist() == [0, 1, 2, 0, 1, 3, 3]  # the revisit of s3 joins its own group
     episode_level = gigpo_advantages(episode_returns, step_returns, turn_episode, groups, omega=0.0, scale_by_std=False)
@@ -50,8 +50,8 @@ def test_spec_vector_without_std():
     assert torch.allclose(combined - episode_level, step_level, atol=1e-5)
 
 
-def test_spec_vector_with_std():
-    episode_returns, step_returns, turn_episode, groups = spec_example()
+def test_two_episodes_worked_by_hand_with_std():
+    episode_returns, step_returns, turn_episode, groups = two_episode_example()
     combined = gigpo_advantages(episode_returns, step_returns, turn_episode, groups, omega=1.0, eps=1e-6)
     # Two members a > b: (a - mean) / std = (a - b) / 2 / ((a - b) / sqrt 2) = 1 / sqrt 2, less the eps.
     half = 1 / math.sqrt(2)
