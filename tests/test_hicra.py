@@ -17,12 +17,12 @@ import grpo
 import hicra
 from common.model import load_tokenizer
 from common.phrases import index_phrases, load_phrases, phrase_token_mask
-from grpo_runs import REAL_MODEL_GSM8K_RUN, assert_fails_at_start_up_with_one_line, read_metrics, run_trainer
+from grpo_runs import ON_CPU, REAL_MODEL_GSM8K_RUN, assert_fails_at_start_up_with_one_line, read_metrics, run_trainer
 from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
 PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine is shared
 WORKED = 1e-6  # the hand-worked vectors are given to 6 decimals
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "8",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "8",
              "--max-new-tokens", "64", "--eval-every", "0"]
 ARITHMETIC_GRAMS = index_phrases(load_phrases(Path(hicra.__file__).parent / "data" / "arithmetic_strategic_grams.txt", "-"))
 

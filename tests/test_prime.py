@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import prime
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_model, resolve_model
-from grpo_runs import assert_fails_at_start_up_with_one_line, read_metrics, run_trainer, sampled_tiny_batch
+from grpo_runs import ON_CPU, assert_fails_at_start_up_with_one_line, read_metrics, run_trainer, sampled_tiny_batch
 from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, implicit_process_rewards,
                    leave_one_out_outcome_rewards, leave_one_out_process_rewards, normalise_process_rewards,
                    prime_advantages, prm_accuracy, prm_pairwise_accuracy, prompts_in_band, returns_to_go, update_prm, whiten)
@@ -28,7 +28,7 @@ from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, imp
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
 WORKED = 1e-5  # the hand-worked numbers are given to 6 decimals
 ROUNDING = 1e-12  # float64 slack for a few dozen operations on values of order 1-10
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "0"]
 PRM_METRICS = ("prm_loss", "prm_accuracy", "prm_pairwise_accuracy", "prm_grad_norm", "process_reward_mean",
                "process_reward_std")
@@ -359,7 +359,7 @@ def test_a_prm_with_another_tokenizer_is_refused(real_model_dir, tmp_path):
 def test_two_steps_on_the_real_model_train_the_prm_and_its_checkpoint_reloads(real_model_dir, tmp_path):
     """SmolLM2-135M on GSM8K: its rewards are nearly all 0, so the band is opened to [0, 1] to have
     the PRM train on every response."""
-    prime.main(["--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
+    prime.main([*ON_CPU, "--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
                 "--eval-dataset", "gsm8k", "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2",
                 "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--prm-learning-rate", "1e-5",
                 "--eval-every", "0", "--accuracy-lower-bound", "0", "--accuracy-upper-bound", "1",

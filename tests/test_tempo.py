@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import tempo
 from common.data import DEFAULT_DATA_DIR
-from grpo_runs import read_metrics, run_grpo, run_trainer
+from grpo_runs import ON_CPU, read_metrics, run_grpo, run_trainer
 from tempo import grpo_advantages, tempo_advantages
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
@@ -26,7 +26,7 @@ WORKED = 1e-5  # hand-worked to 6 decimals without the eps, whose effect reaches
 ROUNDING = 1e-9
 EOS = 0
 A, B, C, D, E, F = 1, 2, 3, 4, 5, 6
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "0", "--total-steps", "2"]
 TREE_METRICS = ("branch_token_fraction", "first_branch_depth", "td_mass_share")
 
