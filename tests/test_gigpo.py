@@ -157,7 +157,7 @@ def test_keydoor_is_deterministic_under_a_seed():
     assert layout_for_seed(7) == layout_for_seed(7)
 
 
-def test_keydoor_rules_and_anchor():
+def test_keydoor_walls_key_and_door_and_the_anchor_is_the_observation():
     env = KeyDoorEnv()
     env.reset(3)
     env.agent, env.key, env.door = (0, 0), (1, 0), (1, 2)  # key east, door south-east
@@ -198,7 +198,7 @@ def test_the_expert_is_lured_to_the_door_in_its_row():
     ("<action>go north</action>", "go north"), ("I think <action> Take  KEY </action> then", "take key"),
     ("go north", None), ("<action></action>", None), ("<action>go north", None),
 ])
-def test_parse_action(response, action):
+def test_an_action_is_the_lowercased_text_of_one_closed_action_tag_or_none(response, action):
     assert parse_action(response) == action
 
 

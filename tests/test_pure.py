@@ -158,7 +158,7 @@ def test_verifiable_reward_is_solved_minus_one_against_the_others_and_zero_witho
         assert value == pytest.approx((solved[i] - 1) - sum(others) / len(others), abs=ROUNDING)
 
 
-def test_token_rewards_and_returns_by_hand():
+def test_two_responses_worked_by_hand_get_baselined_step_rewards_and_zero_at_step_ends():
     """Two responses of one prompt, unnormalised, worked by hand.
 
     Response 0: 6 tokens, steps end at 2 (n=2) and 5 (EOS, n=2), sum-form rewards 0.5, -0.5.
@@ -296,7 +296,7 @@ def test_a_truncated_response_ends_its_last_step_at_its_last_token():
 QUESTION = "Compute 44-21+62."
 
 
-def test_arithmetic_answer_reads_the_question():
+def test_arithmetic_answer_evaluates_the_question_and_refuses_other_text():
     assert arithmetic_answer(QUESTION) == 85 and arithmetic_answer("Compute 99-10+11-40.") == 60
     with pytest.raises(ValueError):
         arithmetic_answer("What is 2+2?")

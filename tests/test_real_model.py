@@ -53,7 +53,7 @@ def test_loads_as_a_hub_model_would(real):
 
 
 @pytest.mark.parametrize("which", ["gsm8k", "math500"])
-def test_templates_render_real_prompts(real, questions, which):
+def test_templates_render_real_prompts_that_survive_the_bpe_round_trip(real, questions, which):
     _, tokenizer = real
     question = questions[0] if which == "gsm8k" else questions[1]
     turn = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"

@@ -184,7 +184,7 @@ def test_a_group_of_one_and_an_all_equal_group_give_exactly_zero(rewards):
 
 @PROPERTY
 @given(group=groups(), td_coef=st.sampled_from([1.0, 0.0, 0.5, 2.0]), scale_by_std=st.booleans())
-def test_agrees_with_an_explicit_trie(group, td_coef, scale_by_std):
+def test_advantages_and_branch_points_agree_with_an_explicit_trie(group, td_coef, scale_by_std):
     rewards, responses, ids, mask = group
     advantages, _, branch = tempo_advantages(rewards, ids, mask, td_coef, 1e-6, scale_by_std)
     expected, expected_branch = explicit_trie_advantages(rewards.tolist(), responses, td_coef, 1e-6, scale_by_std)

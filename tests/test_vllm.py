@@ -238,7 +238,7 @@ def test_eval_only_through_vllm_scores_as_transformers_does(tmp_path):
     assert 0.0 <= results["vllm"]["mean@2"] <= results["vllm"]["pass@2"] <= 1.0
 
 
-def test_sampler_mismatch_statistics():
+def test_sampler_mismatch_averages_over_masked_tokens_and_leaves_out_nan_sequences():
     trainer = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, -0.5, -0.5]])
     sampler = torch.tensor([[-1.0, -1.5, -3.0], [-0.5, -1.5, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
