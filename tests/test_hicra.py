@@ -73,7 +73,8 @@ def test_alpha_zero_and_an_empty_mask_are_the_identity(data, alpha):
 
 def test_planning_tokens_of_a_good_response_gain_alpha_and_of_a_bad_one_lose_alpha():
     advantages = torch.tensor([[1.5, -0.5]], dtype=torch.float64)
-    assert hicra_advantages(advantages, torch.ones_like(advantages), 0.2)[0].tolist() == pytest.approx([1.8, -0.4], abs=WORKED)
+    amplified = hicra_advantages(advantages, torch.ones_like(advantages), 0.2)
+    assert amplified[0].tolist() == pytest.approx([1.8, -0.4], abs=WORKED)  # (1 + 0.2) 1.5 and (1 - 0.2) (-0.5)
     assert torch.equal(hicra_advantages(advantages, torch.zeros_like(advantages), 0.2), advantages)
 
 
