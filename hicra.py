@@ -9,8 +9,8 @@ the n-grams of correct responses; the paper's clustering of them with a sentence
 out (a second model, and settings the paper does not give), so its output is a list to prune by hand.
 
     python hicra.py                   # tiny built-in model + arithmetic task, CPU, about 4 minutes
-    python hicra.py --model Qwen2.5-Math-1.5B --dataset ../shared/data/gsm8k_train.jsonl \\
-        --eval-dataset ../shared/data/gsm8k_test.jsonl --template plain --learning-rate 1e-6
+    python hicra.py --model Qwen2.5-Math-1.5B --dataset data/gsm8k_train.jsonl \\
+        --eval-dataset data/gsm8k_test.jsonl --template plain --learning-rate 1e-6
 """
 
 import random
@@ -52,7 +52,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'"})
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set"})
     eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out sets, comma-separated: arithmetic, math500, aime24, amc23, gsm8k, a file or a hub data set"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: ../shared/data if present)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: this repository's data/)"})
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})

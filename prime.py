@@ -8,7 +8,7 @@ whitening turn those and the outcome into per-token advantages; a filter keeps p
 accuracy. Defaults follow the authors' code (PRIME-RL/PRIME), the paper's wording is a flag.
 
     python prime.py                   # tiny built-in model + arithmetic task, CPU, a few minutes
-    python prime.py --model Qwen2.5-Math-1.5B --dataset ../shared/data/gsm8k_train.jsonl \\
+    python prime.py --model Qwen2.5-Math-1.5B --dataset data/gsm8k_train.jsonl \\
         --eval-dataset gsm8k --template plain --learning-rate 5e-7 --prm-learning-rate 1e-6 \\
         --group-size 4 --accuracy-lower-bound 0.2 --accuracy-upper-bound 0.8 --max-new-tokens 1024
 """
@@ -55,7 +55,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'"})
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set"})
     eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out sets, comma-separated: arithmetic, math500, aime24, amc23, gsm8k, a file or a hub data set"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: ../shared/data if present)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: this repository's data/)"})
     prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
     answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
     template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})

@@ -2,8 +2,9 @@
 
 Each field becomes a flag (`total_steps` -> `--total-steps`) whose help is the field's `help`
 metadata followed by its default; a field with `choices` metadata lists them and rejects
-anything else, and one with `min` metadata rejects smaller values. transformers' `HfArgumentParser` does the dataclass part too, but not the rest
-of what a trainer needs, so this helper stays:
+anything else, one with `min` metadata rejects smaller values, and a float field rejects nan and
+inf. transformers' `HfArgumentParser` does the dataclass part too, but not the rest of what a
+trainer needs, so this helper stays:
 - tri-state switches (`bool | None`, default "decide at run time") as `--x` / `--no-x`;
   HfArgumentParser turns them into flags that demand a value;
 - `--resume RUN_DIR` continues with the run's saved arguments, overridden only by the flags
@@ -14,6 +15,7 @@ of what a trainer needs, so this helper stays:
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from common import UsageError
@@ -60,6 +62,8 @@ def parse_args(args_class, argv=None, description: str = ""):
         args = args_class(**{**json.loads(saved.read_text()), **typed})
     for field in dataclasses.fields(args_class):
         choices, value = field.metadata.get("choices"), getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):  # float("nan") parses, then breaks AdamW or a loss
+            raise UsageError(f"--{field.name.replace('_', '-')} must be a finite number (got {value})")
         if choices and value is not None and value not in choices:
             raise UsageError(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
         low = field.metadata.get("min")

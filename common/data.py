@@ -32,8 +32,8 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "amc23": ("amc23.jsonl", "math-ai/amc23", "test"),
     "gsm8k": ("gsm8k_test.jsonl", "openai/gsm8k", "test"),
 }
-# Where a checkout of this project finds local copies: the shared data folder beside it.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The benchmark copies shipped in this repository's data/ folder (sources and licences in its README).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet")
 PROMPT_KEYS = ("question", "problem", "prompt")  # tried in this order when no prompt_key is given
 

@@ -33,7 +33,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines woul
 from vllm import LLM, SamplingParams  # noqa: E402  (after the environment above)
 
 # Default stop threshold of the check: mean |log pi_trainer - log pi_sampler| per token, in nats,
-# by dtype (tests/benchmark_vllm.py; docs/vllm.md). Measured on CPU, float32: 1e-7 to
+# by dtype (benchmarks/benchmark_vllm.py; docs/vllm.md). Measured on CPU, float32: 1e-7 to
 # 1e-6 in sync, 7e-3 to 0.4 with one sync skipped at learning rate 1e-4. Half precision: 2e-3 to
 # 0.04 in sync here (0.04 on the 135M model: its logits are rounded to bfloat16), about 0.03 (RMS)
 # between a GPU trainer and vLLM on Qwen2.5-0.5B (ServiceNow/Fast-LLM #525). A stale output layer

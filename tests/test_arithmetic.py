@@ -78,7 +78,7 @@ def test_demonstrations_use_the_planning_words():
     assert set(PLANNING_WORDS) <= words
 
 
-def test_check_step_on_hand_written_steps():
+def test_check_step_judges_equations_and_leaves_other_lines_undecided():
     assert check_step("first 44-21=23") is True
     assert check_step("then 23+62=85") is True
     assert check_step("then 23+62=84") is False

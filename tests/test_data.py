@@ -1,5 +1,6 @@
-"""common/data.py: the shared benchmark files, bad rows, file formats and prompt templates."""
+"""common/data.py and data/: the shipped benchmark files, bad rows, file formats and prompt templates."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,14 +12,11 @@ from common import UsageError
 from common.data import (BENCHMARKS, BOXED_INSTRUCTION, DEFAULT_DATA_DIR, PROMPT_TEMPLATES, ProblemStream,
                          load_eval_problems, load_problems, render_prompt)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPOSITORY_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def shared_file(name: str) -> str:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} is absent")
-    return str(path)
+def data_file(name: str) -> str:
+    return str(DEFAULT_DATA_DIR / name)
 
 
 def write_jsonl(path: Path, lines: list) -> str:
@@ -27,11 +25,32 @@ def write_jsonl(path: Path, lines: list) -> str:
     return str(path)
 
 
-# ---- the shared benchmark files ----
+# ---- the shipped benchmark files ----
+
+
+def data_readme_rows() -> dict[str, tuple[int, str]]:
+    """file -> (rows, sha256) from the table of data/README.md."""
+    table = {}
+    for line in (REPOSITORY_DATA / "README.md").read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and (REPOSITORY_DATA / cells[0]).is_file():
+            table[cells[0]] = (int(cells[1].replace(",", "")), cells[5])
+    return table
+
+
+def test_every_shipped_file_has_the_rows_and_sha256_its_readme_gives():
+    table = data_readme_rows()
+    shipped = sorted(path.name for path in REPOSITORY_DATA.iterdir() if path.name != "README.md")
+    assert sorted(table) == shipped, "data/README.md must list every file in data/, and only those"
+    for name, (rows, sha256) in table.items():
+        content = (REPOSITORY_DATA / name).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == sha256, f"data/{name} differs from the copy its README describes"
+        assert len(content.decode().splitlines()) == rows, name
+    assert {file_name for file_name, _, _ in BENCHMARKS.values()} <= set(table)  # every name has its local copy
 
 
 def test_gsm8k_final_answers_are_plain_numbers():
-    problems = load_problems(shared_file("gsm8k_test.jsonl"))
+    problems = load_problems(data_file("gsm8k_test.jsonl"))
     assert len(problems) == 1319
     assert problems[0]["answer"] == "18"  # "...\n#### 18"
     assert all(p["answer"].lstrip("-").replace(".", "").isdigit() for p in problems)
@@ -40,36 +59,37 @@ def test_gsm8k_final_answers_are_plain_numbers():
 
 
 def test_math500_answers_are_the_answer_field():
-    problems = load_problems(shared_file("math500.jsonl"))
+    problems = load_problems(data_file("math500.jsonl"))
     assert len(problems) == 500
     assert problems[0]["question"].startswith("Convert the point $(0,3)$")
     assert problems[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
 def test_math500_without_answer_falls_back_to_the_last_boxed_of_the_solution(tmp_path):
-    rows = [json.loads(line) for line in Path(shared_file("math500.jsonl")).read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(data_file("math500.jsonl")).read_text().splitlines()]
     path = write_jsonl(tmp_path / "no_answer.jsonl", [{k: v for k, v in r.items() if k != "answer"} for r in rows])
     assert [p["answer"] for p in load_problems(path)] == [r["answer"] for r in rows]
 
 
 def test_amc23_float_answers_become_integers():
-    problems = load_problems(shared_file("amc23.jsonl"))
+    problems = load_problems(data_file("amc23.jsonl"))
     assert len(problems) == 40
     assert problems[0]["answer"] == "27"  # stored as 27.0
     assert all(p["answer"].lstrip("-").isdigit() for p in problems)  # one answer is -1.0
 
 
-def test_aime24():
-    problems = load_problems(shared_file("aime24.jsonl"))
+def test_aime24_answers_keep_their_three_digit_form():
+    problems = load_problems(data_file("aime24.jsonl"))
     assert len(problems) == 30
-    assert problems[0]["answer"] == "204"
+    assert problems[0]["answer"] == "204" and problems[7]["answer"] == "025"  # the verifier reads "025" as 25
+    assert all(len(p["answer"]) == 3 and p["answer"].isdigit() for p in problems)
     assert problems[0]["question"].startswith("Every morning Aya goes for a $9$-kilometer-long walk")
 
 
 # ---- field mapping and answer clean-up ----
 
 
-def test_answer_clean_up(tmp_path):
+def test_answers_become_the_bare_final_answer_from_any_layout(tmp_path):
     path = write_jsonl(
         tmp_path / "answers.jsonl",
         [
@@ -89,7 +109,7 @@ def test_answer_clean_up(tmp_path):
     ]
 
 
-def test_custom_keys(tmp_path):
+def test_given_prompt_and_answer_keys_replace_the_defaults_with_no_fallback(tmp_path):
     path = write_jsonl(
         tmp_path / "custom.jsonl",
         [{"input": "What is 2+2?", "target": 4, "answer": "wrong"}, {"input": "1+1?", "solution": "\\boxed{2}"}],
@@ -194,7 +214,7 @@ def test_unreadable_parquet_is_a_usage_error(tmp_path):
         load_problems(str(tmp_path / "broken.parquet"))
 
 
-def test_parquet_round_trip(tmp_path):
+def test_parquet_strings_stay_as_written_and_numbers_and_nulls_are_read_as_json_ones(tmp_path):
     table = pyarrow.table({"question": [r["question"] for r in ROWS], "answer": [str(r["answer"]) for r in ROWS]})
     pyarrow.parquet.write_table(table, tmp_path / "p.parquet")
     assert load_problems(str(tmp_path / "p.parquet")) == [
@@ -210,7 +230,7 @@ def test_parquet_round_trip(tmp_path):
     ]
 
 
-def test_json_list_file(tmp_path):
+def test_json_files_may_hold_a_list_or_json_lines_but_not_an_object(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))
     assert load_problems(str(tmp_path / "rows.json")) == EXPECTED
     (tmp_path / "lines.json").write_text("".join(json.dumps(row) + "\n" for row in ROWS))  # JSON Lines
@@ -223,7 +243,7 @@ def test_json_list_file(tmp_path):
 # ---- prompt templates ----
 
 
-def test_chat_templates(tiny_tokenizer):
+def test_chat_templates_wrap_the_question_with_and_without_the_boxed_system_prompt(tiny_tokenizer):
     assert render_prompt(tiny_tokenizer, "What is 1+1?", "chat") == (
         "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -233,7 +253,7 @@ def test_chat_templates(tiny_tokenizer):
     )
 
 
-def test_plain_template(tiny_tokenizer):
+def test_plain_template_needs_no_chat_template_and_adds_bos_only_where_the_tokenizer_does(tiny_tokenizer):
     expected = f"Question:\nWhat is 1+1?\n{BOXED_INSTRUCTION}\nAnswer:\n"
     assert BOXED_INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
     assert render_prompt(tiny_tokenizer, "What is 1+1?", "plain") == expected
@@ -244,7 +264,7 @@ def test_plain_template(tiny_tokenizer):
     assert render_prompt(tiny_tokenizer, "What is 1+1?", "plain") == "<|endoftext|>" + expected
 
 
-def test_template_errors(tiny_tokenizer):
+def test_unknown_templates_and_chat_without_a_chat_template_are_usage_errors(tiny_tokenizer):
     with pytest.raises(UsageError, match="chat, chat-boxed, plain"):
         render_prompt(tiny_tokenizer, "q", "qwen-boxed")
     tiny_tokenizer.chat_template = None
@@ -258,8 +278,7 @@ def test_template_errors(tiny_tokenizer):
 
 @pytest.mark.parametrize("name, rows", [("math500", 500), ("gsm8k", 1319), ("aime24", 30), ("amc23", 40)])
 def test_benchmark_names_resolve_to_the_local_copies(name, rows):
-    shared_file(BENCHMARKS[name][0])  # skips when the shared folder is absent
-    assert DEFAULT_DATA_DIR.resolve() == SHARED_DATA.resolve()
+    assert DEFAULT_DATA_DIR.resolve() == REPOSITORY_DATA.resolve()  # a clone reads its own copies, offline
     problems = load_eval_problems(name)
     assert len(problems) == rows and all(p["question"] and p["answer"] for p in problems)
     assert load_eval_problems(name, size=7) == problems[:7]
@@ -272,7 +291,7 @@ def test_benchmark_name_without_local_copy_goes_to_the_hub(tmp_path, offline):
 
 
 def test_problem_stream_replays_the_same_order_and_reshuffles_each_epoch():
-    source = shared_file("aime24.jsonl")
+    source = data_file("aime24.jsonl")
     stream, again = ProblemStream(source, seed=3), ProblemStream(source, seed=3)
     first_epoch = [stream[i]["question"] for i in range(30)]
     assert first_epoch == [again[i]["question"] for i in range(30)]

@@ -1,4 +1,4 @@
-"""GiGPO: its advantage arithmetic (properties and the spec's numbers), the built-in environment,
+"""GiGPO: its advantage arithmetic (properties and a task worked by hand), the built-in environment,
 the episode runner, and gigpo.py end to end on the tiny agent model and on the real test model."""
 
 import contextlib
@@ -30,8 +30,8 @@ SHORT_RUN = ["--num-prompts", "2", "--group-size", "4", "--eval-size", "20", "--
 EVAL_KEYS = {"pass@1", "pass@1_low", "pass@1_high", "greedy_correct", "return", "turns", "invalid_rate"}
 
 
-def spec_example():
-    """Section 6's test vector: two episodes of one task, anchors s0..s3, gamma 0.95."""
+def two_episode_example():
+    """Two episodes of one task, anchors s0..s3, gamma 0.95, worked by hand from the paper's eqs. 3-8."""
     rewards = [[0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 0.0]]
     anchors = ["s0", "s1", "s2", "s0", "s1", "s3", "s3"]
     step_returns = torch.tensor([r for episode in rewards for r in discounted_returns(episode, 0.95)])
@@ -40,8 +40,8 @@ def spec_example():
     return episode_returns, step_returns, turn_episode, step_groups(anchors, [0] * 7)
 
 
-def test_spec_vector_without_std():
-    episode_returns, step_returns, turn_episode, groups = spec_example()
+def test_two_episodes_worked_by_hand_without_std():
+    episode_returns, step_returns, turn_episode, groups = two_episode_example()
     assert torch.allclose(step_returns, torch.tensor([9.025, 9.5, 10, 0, 0, 0, 0]))
     assert groups.tolist() == [0, 1, 2, 0, 1, 3, 3]  # the revisit of s3 joins its own group
     episode_level = gigpo_advantages(episode_returns, step_returns, turn_episode, groups, omega=0.0, scale_by_std=False)
@@ -51,8 +51,8 @@ def test_spec_vector_without_std():
     assert torch.allclose(combined - episode_level, step_level, atol=1e-5)
 
 
-def test_spec_vector_with_std():
-    episode_returns, step_returns, turn_episode, groups = spec_example()
+def test_two_episodes_worked_by_hand_with_std():
+    episode_returns, step_returns, turn_episode, groups = two_episode_example()
     combined = gigpo_advantages(episode_returns, step_returns, turn_episode, groups, omega=1.0, eps=1e-6)
     # Two members a > b: (a - mean) / std = (a - b) / 2 / ((a - b) / sqrt 2) = 1 / sqrt 2, less the eps.
     half = 1 / math.sqrt(2)
@@ -232,7 +232,7 @@ def test_keydoor_is_deterministic_under_a_seed():
     assert layout_for_seed(7) == layout_for_seed(7)
 
 
-def test_keydoor_rules_and_anchor():
+def test_keydoor_walls_key_and_door_and_the_anchor_is_the_observation():
     env = KeyDoorEnv()
     env.reset(3)
     env.agent, env.key, env.door = (0, 0), (1, 0), (1, 2)  # key east, door south-east
@@ -273,7 +273,7 @@ def test_the_expert_is_lured_to_the_door_in_its_row():
     ("<action>go north</action>", "go north"), ("I think <action> Take  KEY </action> then", "take key"),
     ("go north", None), ("<action></action>", None), ("<action>go north", None),
 ])
-def test_parse_action(response, action):
+def test_an_action_is_the_lowercased_text_of_one_closed_action_tag_or_none(response, action):
     assert parse_action(response) == action
 
 
@@ -436,8 +436,11 @@ def test_two_steps_on_the_real_model_in_the_built_in_environment(real_model_dir,
 @pytest.fixture(scope="module")
 def coin_game(tmp_path_factory):
     """Coin collector level 5, seed 1: the coin is south, east, north, north of the start."""
+    tw_make = Path(sys.executable).parent / "tw-make"
+    if not tw_make.is_file():  # an absent extra fails with the way to install it, never skips
+        pytest.fail("the TextWorld tests need textworld: pip install -r requirements-textworld.txt", pytrace=False)
     folder = tmp_path_factory.mktemp("games")
-    made = subprocess.run([str(Path(sys.executable).parent / "tw-make"), "tw-coin_collector", "--level", "5", "--seed", "1",
+    made = subprocess.run([str(tw_make), "tw-coin_collector", "--level", "5", "--seed", "1",
                            "--output", str(folder / "coin5.z8"), "-f"], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr[-2000:]
     return folder / "coin5.z8"

@@ -1,9 +1,13 @@
 """Tests of GRPO's pure arithmetic in grpo.py: group advantages, the clipped surrogate, the KL
 estimators and the loss aggregation modes.
 
-The exact vectors come from ../shared/spec/methods.md section 1 (6 decimals there, so compared
-with abs=1e-6). The properties run under hypothesis, in float64 unless stated, with tolerances derived from float
-rounding rather than picked to make the tests pass; each is stated next to the test that uses it.
+The exact vectors are small inputs worked by hand from the formulas: the group advantage of
+DeepSeekMath (arXiv 2402.03300) section 4.1.2 and Dr.GRPO's form without the std, the clipped
+surrogate with DAPO's clip-higher and verl's dual clip, the KL estimators of DeepSeekMath eq. 4, and
+the loss aggregation modes of verl's `agg_loss` (verl/trainer/ppo/core_algos.py; Dr.GRPO's as in
+TRL's GRPOTrainer). They are given to 6 decimals, so compared with abs=1e-6. The properties run
+under hypothesis, in float64 unless stated, with tolerances derived from float rounding rather than
+picked to make the tests pass; each is stated next to the test that uses it.
 """
 
 import math
@@ -17,7 +21,7 @@ from hypothesis import strategies as st
 from grpo import aggregate_loss, clipped_surrogate, grpo_advantages, kl_penalty
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
-SPEC = 1e-6  # the spec's vectors are given to 6 decimals
+WORKED = 1e-6  # the hand-worked vectors are given to 6 decimals
 ROUNDING = 1e-12  # float64 slack for a handful of operations on values of order 1-100
 AGGREGATION_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 
@@ -80,12 +84,12 @@ def std_advantage_bound(group_size: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The spec's vectors (methods.md section 1)
+# 1. Vectors worked by hand
 # ---------------------------------------------------------------------------------------------
 
 
-class TestSpecVectors:
-    """methods.md section 1, to the spec's 6 decimals."""
+class TestHandWorkedVectors:
+    """Small inputs worked by hand from the formulas in grpo.py's docstrings, to 6 decimals."""
 
     @pytest.mark.parametrize("rewards, scale_by_std, expected", [
         ([1, 0, 0, 0], True, [1.499997, -0.499999, -0.499999, -0.499999]),
@@ -97,7 +101,7 @@ class TestSpecVectors:
     def test_advantages(self, rewards, scale_by_std, expected):
         advantages = grpo_advantages(f64([rewards]), eps=1e-6, scale_by_std=scale_by_std)
         assert advantages.shape == (1, len(rewards))
-        assert advantages[0].tolist() == pytest.approx(expected, abs=SPEC)
+        assert advantages[0].tolist() == pytest.approx(expected, abs=WORKED)
 
     @pytest.mark.parametrize("advantage, ratio, eps_high, dual_clip, expected_loss", [
         (+1.0, 1.5, 0.2, None, -1.2),
@@ -112,12 +116,12 @@ class TestSpecVectors:
         old_logp = f64([[-0.7]])
         loss, _ = clipped_surrogate(logp, old_logp, f64([[advantage]]), eps_low=0.2, eps_high=eps_high,
                                     dual_clip=dual_clip)
-        assert loss.item() == pytest.approx(expected_loss, abs=SPEC)
+        assert loss.item() == pytest.approx(expected_loss, abs=WORKED)
 
     @pytest.mark.parametrize("estimator, expected", [("k1", 0.5), ("k2", 0.125), ("k3", 0.106531)])
     def test_kl_estimators(self, estimator, expected):
         value = kl_penalty(f64([-1.0]), f64([-1.5]), estimator)
-        assert value.item() == pytest.approx(expected, abs=SPEC)
+        assert value.item() == pytest.approx(expected, abs=WORKED)
 
     @pytest.mark.parametrize("mode, expected", [
         ("token-mean", 1.6), ("seq-mean-token-mean", 2.5), ("seq-mean-token-sum", 4.0), ("dr-grpo", 1.0),
@@ -126,7 +130,7 @@ class TestSpecVectors:
         padding = 99.0  # masked positions hold junk: it must not leak into any mode
         token_loss = f64([[1, 1, 1, 1], [4, padding, padding, padding]])
         mask = f64([[1, 1, 1, 1], [1, 0, 0, 0]])
-        assert aggregate_loss(token_loss, mask, mode).item() == pytest.approx(expected, abs=SPEC)
+        assert aggregate_loss(token_loss, mask, mode).item() == pytest.approx(expected, abs=WORKED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +397,7 @@ def masked_token_losses(draw, min_sequences=1):
 
 
 def hand_aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int) -> float:
-    """The four definitions of methods.md section 1, with Python loops over lists."""
+    """The four modes as aggregate_loss's docstring defines them, with Python loops over lists."""
     losses, masks = token_loss.tolist(), mask.bool().tolist()
     kept = [[l for l, m in zip(row, row_mask) if m] for row, row_mask in zip(losses, masks)]
     num_sequences = len(kept)

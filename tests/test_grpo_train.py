@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo import Args, completion_logprobs, policy_gradient_pass
-from grpo_runs import ROOT, read_metrics, read_steps, run_grpo, run_trainer, sampled_tiny_batch
+from grpo_runs import ON_CPU, ROOT, read_metrics, read_steps, run_grpo, run_trainer, sampled_tiny_batch
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
@@ -117,7 +117,7 @@ def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
 
 def test_memory_switches_of_large_models_also_run_on_a_cpu(tmp_path):
     """--gradient-checkpointing and --dtype bfloat16, the GPU settings, through a whole run."""
-    result = run_grpo(*SHORT_RUN, "--total-steps", "2", "--gradient-checkpointing", "--dtype", "bfloat16",
+    result = run_grpo(*SHORT_RUN, *ON_CPU, "--total-steps", "2", "--gradient-checkpointing", "--dtype", "bfloat16",
                       "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
@@ -132,7 +132,7 @@ def test_memory_switches_of_large_models_also_run_on_a_cpu(tmp_path):
     ("prime.py", ("prm_loss", "prm_accuracy", "process_reward_std", "filter_keep_rate", "filter_draws")),
 ])
 def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path, script, method_keys):
-    flags = [*SHORT_RUN, "--total-steps", "6", "--save-every", "2"]
+    flags = [*SHORT_RUN, *ON_CPU, "--total-steps", "6", "--save-every", "2"]
     reference = run_trainer(script, *flags, "--runs-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-2000:]
     [reference_dir] = (tmp_path / "reference").iterdir()

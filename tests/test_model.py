@@ -48,7 +48,7 @@ def test_local_folder_loads_the_same_model(tiny_dir):
     assert not loaded.training  # eval() for rollouts; trainers switch to train() for the loss
 
 
-def test_dtype_override(tiny_dir):
+def test_a_given_dtype_replaces_the_default_and_an_unknown_one_is_a_usage_error(tiny_dir):
     folder, _ = tiny_dir
     assert load_model(str(folder), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
     assert load_model(str(folder), device="cpu", dtype=torch.float16).dtype == torch.float16
@@ -57,7 +57,7 @@ def test_dtype_override(tiny_dir):
         load_model(str(folder), device="cpu", dtype="fp8")
 
 
-def test_default_precision_on_cpu_is_float32():
+def test_the_default_precision_on_a_cpu_is_float32():
     assert default_precision("cpu") == "float32"
 
 

@@ -4,7 +4,6 @@ byte-level tiny tokenizer and on a real 49k BPE tokenizer (SmolLM2's); phrase fi
 
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from common.model import load_tokenizer
 from common.phrases import (NgramDocumentFrequency, find_phrases, index_phrases, load_phrases, phrase_token_mask,
                             response_token_spans, tokens_covering)
 
-DATA = Path(__file__).resolve().parents[1] / "data"  # the phrase lists shipped with the project
+DATA = DEFAULT_DATA_DIR  # the phrase lists shipped with the project
 UNICODE_TEXT = "Wait, the naïve sum is 3 € … 😀 so: let’s check it. 答案"
 
 
@@ -139,9 +138,8 @@ def test_the_papers_list_tags_only_wait_on_the_builtin_task(tiny_tokenizer):
     assert counts == {"wait": 1}
 
 
-def test_the_shipped_lists():
-    # The paper's Listing 1 as printed (copied unchanged from the shared data folder, see its README).
-    assert (DATA / "hicra_strategic_grams.txt").read_bytes() == (DEFAULT_DATA_DIR / "hicra_strategic_grams.txt").read_bytes()
+def test_the_shipped_lists_are_the_papers_249_grams_and_the_builtin_tasks_planning_words():
+    # The paper's Listing 1 as printed (its bytes are pinned by tests/test_data.py against data/README.md).
     paper = load_phrases(DATA / "hicra_strategic_grams.txt", "--strategic-grams")
     assert len(paper) == 249 and "let me verify" in paper and "wait" in paper and "consider the case where" in paper
     assert load_phrases(DATA / "arithmetic_strategic_grams.txt", "--strategic-grams") == sorted(PLANNING_WORDS)

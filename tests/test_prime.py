@@ -1,9 +1,12 @@
-"""PRIME (prime.py): the spec's worked numbers, properties of its arithmetic under hypothesis, the
+"""PRIME (prime.py): a batch worked by hand, properties of its arithmetic under hypothesis, the
 implicit PRM's update on the tiny model, and whole runs on the tiny and the real test model.
 
-The vectors come from ../shared/spec/methods.md section 3 (6 decimals there, compared to 1e-5). The
-properties run in float64, with tolerances derived next to each test from float rounding or from
-the 1e-6 of the batch normalisation, not picked to make them pass.
+The worked numbers follow the authors' code (PRIME-RL/PRIME, training/verl/trainer/ppo/core_algos.py:
+`compute_rloo_returns` for the returns, `compute_ce_dpo_loss_rm` for the PRM loss; ray_trainer.py
+beside it: `filter` for the accuracy band) and, for the process rewards' paper form, arXiv
+2502.01456 section 3; they are given to 6 decimals and compared to 1e-5. The properties run in
+float64, with tolerances derived next to each test from float rounding or from the 1e-6 of the
+batch normalisation, not picked to make them pass.
 """
 
 import json
@@ -17,15 +20,16 @@ from safetensors.torch import load_file
 import prime
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_model, resolve_model
-from grpo_runs import assert_fails_at_start_up_with_one_line, read_steps, run_trainer, sampled_tiny_batch
+from grpo_runs import (ON_CPU, assert_fails_at_start_up_with_one_line, read_steps, run_trainer,
+                       sampled_tiny_batch)
 from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, implicit_process_rewards,
                    leave_one_out_outcome_rewards, leave_one_out_process_rewards, normalise_process_rewards,
                    prime_advantages, prm_accuracy, prm_pairwise_accuracy, prompts_in_band, returns_to_go, update_prm, whiten)
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
-SPEC = 1e-5
+WORKED = 1e-5  # the hand-worked numbers are given to 6 decimals
 ROUNDING = 1e-12  # float64 slack for a few dozen operations on values of order 1-10
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "0"]
 PRM_METRICS = ("prm_loss", "prm_accuracy", "prm_pairwise_accuracy", "prm_grad_norm", "process_reward_mean",
                "process_reward_std")
@@ -38,7 +42,7 @@ def f64(values) -> torch.Tensor:
 
 def process_and_outcome_returns(q, mask, outcomes, group_size, form):
     """Returns (gamma = 1) of leave-one-out process rewards plus those of the outcome: prime_advantages
-    before whitening, for process rewards that are already normalised (as the spec's vector is)."""
+    before whitening, for process rewards that are already normalised (as the worked batch's are)."""
     return (returns_to_go(leave_one_out_process_rewards(q, mask, group_size, form), mask)
             + returns_to_go(leave_one_out_outcome_rewards(outcomes, mask, group_size), mask))
 
@@ -63,12 +67,12 @@ def batches(draw, max_length=5, one_token=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The spec's vectors (methods.md section 3)
+# 1. A batch worked by hand: G = 4, gamma = 1, process rewards already normalised
 # ---------------------------------------------------------------------------------------------
 
-SPEC_Q = f64([[0.2, 0.4], [-0.1, -0.3], [0.5, 0.0], [-0.6, 0.0]])
-SPEC_MASK = f64([[1, 1], [1, 1], [1, 0], [1, 0]])
-SPEC_OUTCOMES = f64([1, 0, 1, 0])
+WORKED_Q = f64([[0.2, 0.4], [-0.1, -0.3], [0.5, 0.0], [-0.6, 0.0]])
+WORKED_MASK = f64([[1, 1], [1, 1], [1, 0], [1, 0]])
+WORKED_OUTCOMES = f64([1, 0, 1, 0])
 
 
 @pytest.mark.parametrize("form, returns, whitened", [
@@ -77,21 +81,21 @@ SPEC_OUTCOMES = f64([1, 0, 1, 0])
     ("paper", [[1.466667, 1.166667], [-1.2, -1.033333], [1.333333], [-1.466667]],
      [[1.008844, 0.796041], [-0.882738, -0.764515], [0.914265], [-1.071897]]),
 ])
-def test_returns_and_whitened_advantages_match_the_spec(form, returns, whitened):
-    got = process_and_outcome_returns(SPEC_Q, SPEC_MASK, SPEC_OUTCOMES, 4, form)
-    valid = SPEC_MASK.bool()
-    assert got[valid].tolist() == pytest.approx([x for row in returns for x in row], abs=SPEC)
-    assert whiten(got, SPEC_MASK)[valid].tolist() == pytest.approx([x for row in whitened for x in row], abs=SPEC)
+def test_returns_and_whitened_advantages_of_a_hand_worked_batch(form, returns, whitened):
+    got = process_and_outcome_returns(WORKED_Q, WORKED_MASK, WORKED_OUTCOMES, 4, form)
+    valid = WORKED_MASK.bool()
+    assert got[valid].tolist() == pytest.approx([x for row in returns for x in row], abs=WORKED)
+    assert whiten(got, WORKED_MASK)[valid].tolist() == pytest.approx([x for row in whitened for x in row], abs=WORKED)
     assert (got[~valid] == 0).all()
 
 
 @pytest.mark.parametrize("outcome, expected", [(1.0, 0.598139), (0.0, 0.798139)])
-def test_prm_loss_matches_the_spec(outcome, expected):
+def test_prm_loss_is_the_cross_entropy_of_beta_times_the_summed_process_reward(outcome, expected):
     q, mask = f64([[1.5, 2.5, 99.0]]), f64([[1, 1, 0]])  # sum of q over the response: 4
-    assert implicit_prm_loss(q, mask, f64([outcome]), beta=0.05).item() == pytest.approx(expected, abs=SPEC)
+    assert implicit_prm_loss(q, mask, f64([outcome]), beta=0.05).item() == pytest.approx(expected, abs=WORKED)
 
 
-def test_filter_matches_the_spec():
+def test_filter_keeps_exactly_the_prompts_whose_accuracy_lies_in_the_band():
     rewards = f64([[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])  # accuracies 1/4, 3/4, 0, 1
     assert prompts_in_band(rewards, 0.2, 0.8).tolist() == [True, True, False, False]
 
@@ -415,7 +419,7 @@ def test_a_prm_with_another_tokenizer_is_refused(real_model_dir, tmp_path):
 def test_two_steps_on_the_real_model_train_the_prm_and_its_checkpoint_reloads(real_model_dir, tmp_path):
     """SmolLM2-135M on GSM8K: its rewards are nearly all 0, so the band is opened to [0, 1] to have
     the PRM train on every response."""
-    prime.main(["--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
+    prime.main([*ON_CPU, "--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
                 "--eval-dataset", "gsm8k", "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2",
                 "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--prm-learning-rate", "1e-5",
                 "--eval-every", "0", "--accuracy-lower-bound", "0", "--accuracy-upper-bound", "1",

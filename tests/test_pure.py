@@ -1,7 +1,9 @@
 """Tests of PURE's arithmetic in pure.py and of the PRM pieces in common/prm.py.
 
-The exact vectors come from ../shared/spec/methods.md section 4 (6 decimals there). Properties run
-under hypothesis in float64, with tolerances from float rounding. The step splitting is checked
+The exact vectors are worked by hand, to 6 decimals, from the authors' min-form (CJReinforce/PURE,
+openrlhf/utils/utils.py, `turn_process_reward_logits_to_reward`: softmax weights at T = 0.1) and
+from the paper's exact min-form (arXiv 2504.15275: the value is the minimum of future rewards).
+Properties run under hypothesis in float64, with tolerances from float rounding. The step splitting is checked
 on the byte-level tiny tokenizer and on SmolLM2's 49k BPE tokenizer (real_model_dir), and the
 discriminative PRM loader on a tiny token-classification PRM built here.
 """
@@ -24,7 +26,7 @@ from pure import (leave_one_out_token_baseline, min_form_exact, min_form_softmax
                   transform_step_rewards, verifiable_rewards)
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
-SPEC = 1e-6
+WORKED = 1e-6  # the hand-worked vectors are given to 6 decimals
 ROUNDING = 1e-12
 CREDITS = ["softmax-min", "min", "sum", "mean"]
 
@@ -51,16 +53,16 @@ def padded_step_scores(draw):
 
 
 # ---------------------------------------------------------------------------------------------
-# Credit assignment: the spec's vectors and the properties the issue names
+# Credit assignment: a vector worked by hand, and properties of both min-forms
 # ---------------------------------------------------------------------------------------------
 
-def test_spec_vector_softmax_min_form_and_exact_min_form():
+def test_one_bad_step_caps_the_returns_before_it_in_both_min_forms():
     scores, mask = f64([[0.8, -0.4, 0.6]]), torch.tensor([[True, True, True]])
     rhat = min_form_softmax(scores, mask, 0.1)
     weights = rhat / scores
-    assert weights[0].tolist() == pytest.approx([0.000006, 0.999948, 0.000045], abs=SPEC)
-    assert rhat[0].tolist() == pytest.approx([0.000005, -0.399979, 0.000027], abs=SPEC)
-    assert returns_of(rhat)[0].tolist() == pytest.approx([-0.399947, -0.399952, 0.000027], abs=SPEC)
+    assert weights[0].tolist() == pytest.approx([0.000006, 0.999948, 0.000045], abs=WORKED)
+    assert rhat[0].tolist() == pytest.approx([0.000005, -0.399979, 0.000027], abs=WORKED)
+    assert returns_of(rhat)[0].tolist() == pytest.approx([-0.399947, -0.399952, 0.000027], abs=WORKED)
     assert returns_of(min_form_exact(scores, mask))[0].tolist() == pytest.approx([-0.4, -0.4, 0.6], abs=ROUNDING)
 
 
@@ -156,7 +158,7 @@ def test_verifiable_reward_is_solved_minus_one_against_the_others_and_zero_witho
         assert value == pytest.approx((solved[i] - 1) - sum(others) / len(others), abs=ROUNDING)
 
 
-def test_token_rewards_and_returns_by_hand():
+def test_two_responses_worked_by_hand_get_baselined_step_rewards_and_zero_at_step_ends():
     """Two responses of one prompt, unnormalised, worked by hand.
 
     Response 0: 6 tokens, steps end at 2 (n=2) and 5 (EOS, n=2), sum-form rewards 0.5, -0.5.
@@ -216,10 +218,10 @@ def test_whitening_as_the_authors_buffer_counts_the_zeroed_ends_in_the_squared_s
         return pure_advantages(scores, step_mask, ends, lengths, mask, f64([[0.0, 1.0]]), torch.tensor([True]),
                                credit="sum", whitening=whitening)[0]
     authors = [[-0.714014, -0.714014, 0, -0.991686, -0.991686, 0], [1.137133, 1.137133, 1.137133, 0, 0, 0]]
-    assert whitened("authors").tolist() == [pytest.approx(row, abs=SPEC) for row in authors]
+    assert whitened("authors").tolist() == [pytest.approx(row, abs=WORKED) for row in authors]
     # Over the trained tokens alone the variance is smaller (no ends' mean^2), the advantages larger.
     trained = [[-0.720962, -0.720962, 0, -1.001336, -1.001336, 0], [1.148199, 1.148199, 1.148199, 0, 0, 0]]
-    assert whitened("trained").tolist() == [pytest.approx(row, abs=SPEC) for row in trained]
+    assert whitened("trained").tolist() == [pytest.approx(row, abs=WORKED) for row in trained]
 
 
 @PROPERTY
@@ -342,7 +344,7 @@ def test_a_truncated_response_ends_its_last_step_at_its_last_token():
 QUESTION = "Compute 44-21+62."
 
 
-def test_arithmetic_answer_reads_the_question():
+def test_arithmetic_answer_evaluates_the_question_and_refuses_other_text():
     assert arithmetic_answer(QUESTION) == 85 and arithmetic_answer("Compute 99-10+11-40.") == 60
     with pytest.raises(ValueError):
         arithmetic_answer("What is 2+2?")

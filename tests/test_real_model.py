@@ -18,7 +18,7 @@ from common.data import BOXED_INSTRUCTION, DEFAULT_DATA_DIR, load_problems, rend
 from common.model import load_model, load_tokenizer
 from common.rollout import check_context_length, eos_token_ids, generate
 from grpo import Args, completion_logprobs, update_policy
-from grpo_runs import read_metrics, read_steps, run_grpo
+from grpo_runs import ON_CPU, read_metrics, read_steps, run_grpo
 
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 SHORT_QUESTION = "What is 2+3? Reply with only the number."
@@ -53,7 +53,7 @@ def test_loads_as_a_hub_model_would(real):
 
 
 @pytest.mark.parametrize("which", ["gsm8k", "math500"])
-def test_templates_render_real_prompts(real, questions, which):
+def test_templates_render_real_prompts_that_survive_the_bpe_round_trip(real, questions, which):
     _, tokenizer = real
     question = questions[0] if which == "gsm8k" else questions[1]
     turn = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -145,7 +145,7 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
 
     save_checkpoint = grpo.save_checkpoint
     monkeypatch.setattr(grpo, "save_checkpoint", save_and_remember)
-    grpo.main(["--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
+    grpo.main([*ON_CPU, "--model", str(real_model_dir), "--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"),
                "--eval-dataset", "gsm8k", "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2",
                "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--eval-every", "0",
                "--kl-coef", "0.04", "--runs-dir", str(tmp_path)])

@@ -1,6 +1,7 @@
 """The shared plumbing of every trainer: the command line, run folders, checkpoints, tracking."""
 
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -46,6 +47,30 @@ def test_command_line_mistakes_are_one_line_usage_errors(argv, message):
     with pytest.raises(UsageError) as error:
         parse_args(Args, argv)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+TRAINERS = sorted(path.stem for path in ROOT.glob("*.py"))
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_float_flag_of_every_trainer_refuses_nan_and_inf_in_one_line(trainer):
+    args_class = importlib.import_module(trainer).Args
+    float_fields = [field for field in dataclasses.fields(args_class) if field.type in (float, float | None)]
+    assert len(float_fields) >= 5, "every trainer has float flags (learning rate, clip ranges, ...)"
+    for field in float_fields:
+        flag = "--" + field.name.replace("_", "-")
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(UsageError) as error:
+                parse_args(args_class, [f"{flag}={value}"])  # "=": argparse would take a bare -inf for a flag
+            assert str(error.value) == f"{flag} must be a finite number (got {float(value)})"
+        parse_args(args_class, [flag, "0.5"])  # a finite value of the same flag parses
+
+
+def test_a_resumed_run_refuses_a_non_finite_saved_value(tmp_path):
+    saved = {**dataclasses.asdict(Args()), "learning_rate": float("nan")}
+    (tmp_path / "args.json").write_text(json.dumps(saved))  # json writes NaN, and reads it back
+    with pytest.raises(UsageError, match="--learning-rate must be a finite number"):
+        parse_args(Args, ["--resume", str(tmp_path)])
 
 
 def test_resume_keeps_the_saved_arguments_unless_typed_again(tmp_path):

@@ -2,8 +2,9 @@
 
 `explicit_trie_advantages` is the slow, obvious version: a trie of Python dicts built token by
 token, V(node) the mean reward of the responses through it. `tempo_advantages` must agree with
-it on random groups full of shared prefixes, duplicates, strict prefixes and padding. The spec's
-vectors are ../shared/spec/methods.md section 5 (6 decimals, compared at 1e-5 as the spec says).
+it on random groups full of shared prefixes, duplicates, strict prefixes and padding. Two small
+groups are also worked by hand, to 6 decimals, from the authors' `compute_tempo_outcome_advantage`
+(fatebreaker/tempo, verl/trainer/ppo/core_algos.py), without its 1e-6 eps, so compared at 1e-5.
 Properties run in float64; ROUNDING is the slack of a few float64 operations on values of order 1
 (the trie and the tensor code add the same rewards in different orders).
 """
@@ -17,15 +18,15 @@ from hypothesis import strategies as st
 
 import tempo
 from common.data import DEFAULT_DATA_DIR
-from grpo_runs import read_steps, run_grpo, run_trainer
+from grpo_runs import ON_CPU, read_steps, run_grpo, run_trainer
 from tempo import grpo_advantages, tempo_advantages
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
-SPEC = 1e-5
+WORKED = 1e-5  # hand-worked to 6 decimals without the eps, whose effect reaches the 6th
 ROUNDING = 1e-9
 EOS = 0
 A, B, C, D, E, F = 1, 2, 3, 4, 5, 6
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--eval-size", "20",
              "--max-new-tokens", "64", "--eval-every", "0", "--total-steps", "2"]
 TREE_METRICS = ("branch_token_fraction", "first_branch_depth", "td_mass_share")
 
@@ -125,24 +126,24 @@ def groups(draw, generate_like=False, min_group_size=1, rewards_follow_text=Fals
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec's vectors and the edge cases the lead and the spec name
+# Groups worked by hand, and the edge cases of the authors' position-by-position comparison
 # ---------------------------------------------------------------------------------------------
 
 
-def test_spec_vector_two_responses():
+def test_two_responses_get_their_outcome_advantage_and_twice_it_where_they_branch():
     ids, mask = padded([[[A, B, C], [A, B, D]]], 3, pad=9)
     advantages, _, _ = tempo_advantages(torch.tensor([[1.0, 0.0]]), ids, mask)
-    assert advantages[0, 0].tolist() == pytest.approx([0.707107, 0.707107, 1.414214], abs=SPEC)
-    assert advantages[0, 1].tolist() == pytest.approx([-0.707107, -0.707107, -1.414214], abs=SPEC)
+    assert advantages[0, 0].tolist() == pytest.approx([0.707107, 0.707107, 1.414214], abs=WORKED)
+    assert advantages[0, 1].tolist() == pytest.approx([-0.707107, -0.707107, -1.414214], abs=WORKED)
 
 
-def test_spec_vector_four_responses():
+def test_a_four_response_tree_worked_by_hand_and_nothing_on_padding():
     responses = [[[A, B, C], [A, B, D], [A, E], [F]]]
     ids, mask = padded(responses, 3, pad=9)
     advantages, _, _ = tempo_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), ids, mask)
     expected = [[1.154701, 0.577350, 1.732051], [-0.577350, -1.154701, -1.732051], [1.154701, 1.443376], [-1.732051]]
     for got, want in zip(unpadded(advantages, responses)[0], expected):
-        assert got == pytest.approx(want, abs=SPEC)
+        assert got == pytest.approx(want, abs=WORKED)
     assert advantages[0, 2, 2] == 0 and (advantages[0, 3, 1:] == 0).all()  # nothing on padding
 
 
@@ -183,7 +184,7 @@ def test_a_group_of_one_and_an_all_equal_group_give_exactly_zero(rewards):
 
 @PROPERTY
 @given(group=groups(), td_coef=st.sampled_from([1.0, 0.0, 0.5, 2.0]), scale_by_std=st.booleans())
-def test_agrees_with_an_explicit_trie(group, td_coef, scale_by_std):
+def test_advantages_and_branch_points_agree_with_an_explicit_trie(group, td_coef, scale_by_std):
     rewards, responses, ids, mask = group
     advantages, _, branch = tempo_advantages(rewards, ids, mask, td_coef, 1e-6, scale_by_std)
     expected, expected_branch = explicit_trie_advantages(rewards.tolist(), responses, td_coef, 1e-6, scale_by_std)

@@ -19,11 +19,11 @@ from common.model import load_model, load_tokenizer
 from common.rollout import (TransformersEngine, eos_token_ids, generate, make_rollout_engine, sampler_mismatch,
                             truncated_importance_weights)
 from grpo import clipped_surrogate, completion_logprobs
-from grpo_runs import ROOT, read_metrics, read_steps, run_grpo, run_trainer
+from grpo_runs import ON_CPU, ROOT, read_metrics, read_steps, run_grpo, run_trainer
 
 TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
 QUESTIONS = ("Compute 12+34.", "Compute 99-10+11-40.", "Compute 50-25+13.")  # different lengths: left padding
-SHORT_RUN = ["--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--max-new-tokens", "64",
+SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--max-new-tokens", "64",
              "--eval-size", "10", "--eval-every", "0"]
 ENGINE_OPTIONS = {"batch_size": 16, "seed": 0, "gpu_memory_utilization": 0.3, "sleep_mode": None, "check_threshold": None}
 
@@ -248,7 +248,7 @@ def test_every_trainer_runs_three_steps_with_vllm(trainer, tmp_path):
 
 def test_eval_only_through_vllm_scores_as_transformers_does(tmp_path):
     """Greedy decoding in fp32: the two engines write the same answers, so the same pass@1."""
-    flags = ["--eval-only", "--eval-size", "20", "--eval-samples", "2"]
+    flags = [*ON_CPU, "--eval-only", "--eval-size", "20", "--eval-samples", "2"]
     results = {}
     for rollout in ("hf", "vllm"):
         result = run_grpo(*flags, "--rollout", rollout, "--runs-dir", str(tmp_path / rollout))
@@ -260,7 +260,7 @@ def test_eval_only_through_vllm_scores_as_transformers_does(tmp_path):
     assert 0.0 <= results["vllm"]["mean@2"] <= results["vllm"]["pass@2"] <= 1.0
 
 
-def test_sampler_mismatch_statistics():
+def test_sampler_mismatch_averages_over_masked_tokens_and_leaves_out_nan_sequences():
     trainer = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, -0.5, -0.5]])
     sampler = torch.tensor([[-1.0, -1.5, -3.0], [-0.5, -1.5, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])

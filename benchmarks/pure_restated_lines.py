@@ -1,6 +1,6 @@
 """How much a policy farms the toy PRM's flaw: restated lines per response (README, PURE section).
 
-    python tests/pure_restated_lines.py tiny runs/<run>/checkpoints/step_80 ...
+    python benchmarks/pure_restated_lines.py tiny runs/<run>/checkpoints/step_80 ...
 
 The toy PRM of the built-in task (common/prm.py) over-rates a true equation the response already
 wrote earlier, so a policy trained on summed process rewards can gain by restating lines. For

@@ -1,6 +1,6 @@
 """Time per GRPO step and its split, from real grpo.py runs (a benchmark, not a test).
 
-    python tests/benchmark_grpo_step.py [--steps 12] [--threads 1 2] [extra grpo.py flags ...]
+    python benchmarks/benchmark_grpo_step.py [--steps 12] [--threads 1 2] [extra grpo.py flags ...]
 
 Runs grpo.py at the reference batch (8 prompts x 8 samples, up to 32 new tokens; the tiny model
 unless the extra flags name a --model) once per thread count, then prints the mean of each

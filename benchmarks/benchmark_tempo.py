@@ -1,6 +1,6 @@
 """TEMPO's advantage against a per-token Python loop and against the rest of a step (a benchmark, not a test).
 
-    python tests/benchmark_tempo.py [--num-prompts 16] [--repeats 20]
+    python benchmarks/benchmark_tempo.py [--num-prompts 16] [--repeats 20]
 
 For G = 8 and 16 and responses of up to 256 and 1,024 tokens, it builds a batch of rollouts shaped
 like real ones (each response follows an earlier one of its group for a random stretch, then goes
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tempo.py and common/ live in the project root
-from common.model import load_model, load_tokenizer
-from tempo import Args, tempo_advantages, update_policy
-from test_tempo import explicit_trie_advantages
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tempo.py and common/ in the project root, the trie in tests/
+
+from common.model import load_model, load_tokenizer  # noqa: E402
+from tempo import Args, tempo_advantages, update_policy  # noqa: E402
+from test_tempo import explicit_trie_advantages  # noqa: E402
 
 PROMPT_LENGTH = 32
 

@@ -1,7 +1,7 @@
 """Rollout speed of vLLM against transformers, the cost of a weight sync, and the check's numbers
 (a benchmark, not a test).
 
-    python tests/benchmark_vllm.py [--models tiny 18m 135m] [--dtypes float32 bfloat16] [--repeats 3]
+    python benchmarks/benchmark_vllm.py [--models tiny 18m 135m] [--dtypes float32 bfloat16] [--repeats 3]
 
 For each model and dtype, in a fresh process each (one vLLM engine per process): one rollout
 batch of the built-in task (16 prompts x 8 samples, up to 96 new tokens, temperature 1, the chat
