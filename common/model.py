@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import UsageError
+from common import UsageError, distributed
 
 # Models that the implemented papers (GRPO, Dr. GRPO, HICRA, PRIME, PURE, TEMPO, GiGPO) train.
 MODEL_ALIASES: dict[str, str] = {
@@ -108,10 +108,19 @@ def load_model(
     Eval mode is right for rollouts and for a frozen reference model. The trainer switches the
     policy to train() around its loss: gradient checkpointing only runs in train mode, and in train
     mode it also drops the KV cache, which generate() needs.
+
+    Under torchrun the model comes back sharded over the ranks (common.distributed.shard), loaded
+    on the CPU first so that no GPU ever holds all of it. On GPUs the default there is fp32 master
+    weights (the shards, their gradients and AdamW states) with bf16 compute, through FSDP2's
+    mixed-precision policy.
     """
     device = device or default_device()
+    sharded = distributed.is_distributed()
+    compute_dtype = None
     if dtype is None:
         dtype = default_dtype(device)
+        if sharded and dtype != torch.float32:
+            dtype, compute_dtype = torch.float32, dtype
     elif isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -124,7 +133,10 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise UsageError(_cannot_load("model", name, source, err)) from err
-    model.to(device)
+    if sharded:
+        model = distributed.shard(model, device, compute_dtype)
+    else:
+        model.to(device)
     if gradient_checkpointing is None:
         gradient_checkpointing = str(device).startswith("cuda")
     if gradient_checkpointing:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from common import distributed
 from common.model import resolve_model
 from common.rollout import Rollout, completion_mask_and_truncation, decode_completions, eos_token_ids, sampler_mismatch
 
@@ -81,6 +82,8 @@ class VLLMEngine:
         else:  # eager: vLLM's CPU compile (torch inductor) took 5 minutes here, against 3 s to start eager
             memory = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(policy.config, self.dtype, max_model_len, batch_size),
                       "enforce_eager": True}
+        if distributed.is_distributed():  # one engine per rank, in this process, beside torchrun's process group
+            memory["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(
             model=resolve_model(model_source), dtype=self.dtype, seed=seed, max_model_len=max_model_len,
             load_format="dummy",  # the weights come from the policy, by the same sync as after every update
@@ -105,8 +108,9 @@ class VLLMEngine:
         if self.asleep:
             torch.cuda.empty_cache()  # hand the trainer's cached free blocks back, for vLLM to map
             self.llm.wake_up(tags=["weights"])  # weights first, so loading them never meets a full KV cache
-        weights = ((name, tensor.detach()) for name, tensor in self.policy.named_parameters(remove_duplicate=False))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # Under torchrun each weight is gathered from the shards in turn, on every rank (common.distributed).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": distributed.full_weights(self.policy),
+                                                          "is_checkpoint_format": True})
         if self.asleep:
             if not self.llm.wake_up(tags=["kv_cache"]):
                 raise RuntimeError("vLLM did not wake up fully after its weights and KV cache were restored")
@@ -191,11 +195,13 @@ class VLLMEngine:
         metrics = sampler_mismatch(trainer_logprobs, rollout.logprobs, rollout.completion_mask)
         if metrics["sampler_logp_diff"] is not None and metrics["sampler_logp_diff"] > self.threshold:
             program = Path(sys.argv[0]).name  # as argparse names it: "grpo.py"
-            sys.exit(f"{program}: error: vLLM is not sampling from the policy being trained: its log-probs differ from "
-                     f"the trainer's by {metrics['sampler_logp_diff']:.4g} nats per token on average (threshold "
-                     f"{self.threshold:g} for {str(self.dtype).removeprefix('torch.')}; ratios "
-                     f"{metrics['sampler_ratio_min']:.3g} to {metrics['sampler_ratio_max']:.3g}), so weight sync "
-                     f"{self.syncs} did not reach it; --rollout hf trains without vLLM")
+            # Under torchrun every rank checks the whole batch (all ranks' samples), so all stop here together.
+            distributed.stop(
+                f"{program}: error: vLLM is not sampling from the policy being trained: its log-probs differ from "
+                f"the trainer's by {metrics['sampler_logp_diff']:.4g} nats per token on average (threshold "
+                f"{self.threshold:g} for {str(self.dtype).removeprefix('torch.')}; ratios "
+                f"{metrics['sampler_ratio_min']:.3g} to {metrics['sampler_ratio_max']:.3g}), so weight sync "
+                f"{self.syncs} did not reach it; --rollout hf trains without vLLM")
         started = time.time()
         self.sync()
         return {**metrics, "time_sync": time.time() - started}
