@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 from common import UsageError
 
 TIMEOUT_VARIABLE = "CLEANCREDIT_PROCESS_GROUP_TIMEOUT"
-_state = {"device": None, "leaving": False, "closed": False}
+_state = {"device": None, "leaving": False, "closed": False, "before_close": []}
 
 
 # The process group: start, size, shutdown, and failure of one rank.
@@ -103,6 +103,12 @@ def barrier():
         dist.barrier()
 
 
+def before_close(shutdown):
+    """Call `shutdown` in `close`, after the last barrier and before the process group goes (a vLLM engine
+    on this rank: its own groups are built on the process group, and it destroys them and it)."""
+    _state["before_close"].append(shutdown)
+
+
 def close():
     """Leave the process group once every rank is done (the barrier first: destroying it right after a
     collective crashed about 1 run in 4 at exit, "terminate called without an active exception")."""
@@ -111,11 +117,16 @@ def close():
     _state["leaving"] = True
     dist.barrier()
     _state["closed"] = True
-    dist.destroy_process_group()
+    for shutdown in _state["before_close"]:
+        shutdown()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def stop(message: str):
-    """Exit with a one-line error that every rank reached with the same data; rank 0 prints it, once."""
+    """Exit with a one-line error that every rank reached with the same data; rank 0 prints it, once
+    (and no rank reports the others as failed: they all stop)."""
+    _state["closed"] = True
     if is_main():
         sys.exit(message)
     sys.exit(1)

@@ -84,6 +84,7 @@ class VLLMEngine:
                       "enforce_eager": True}
         if distributed.is_distributed():  # one engine per rank, in this process, beside torchrun's process group
             memory["distributed_executor_backend"] = "external_launcher"
+            distributed.before_close(lambda: self.llm.llm_engine.engine_core.shutdown())
         self.llm = LLM(
             model=resolve_model(model_source), dtype=self.dtype, seed=seed, max_model_len=max_model_len,
             load_format="dummy",  # the weights come from the policy, by the same sync as after every update

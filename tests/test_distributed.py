@@ -201,3 +201,15 @@ def test_a_torchrun_checkpoint_resumes_in_plain_python_with_the_same_optimizer_s
     result = run_trainer("grpo.py", "--resume", str(resumed))
     check_ran(result)
     assert [m["step"] for m in read_metrics(resumed)] == [1, 2]
+
+
+def test_grpo_samples_with_one_vllm_engine_per_rank_synced_from_the_shards(tmp_path):
+    # Each rank's in-process vLLM engine (external launcher) gets the weights gathered from the shards;
+    # every rank checks the whole batch against the trainer's log-probs, and leaves cleanly at the end.
+    result = torchrun(2, "grpo.py", "--rollout", "vllm", "--total-steps", "2", "--num-prompts", "3", "--group-size", "3",
+                      "--max-new-tokens", "48", "--eval-size", "6", "--eval-every", "0", "--runs-dir", str(tmp_path),
+                      timeout=400)
+    check_ran(result)
+    [run_dir] = tmp_path.iterdir()
+    assert all(m["sampler_logp_diff"] < 1e-5 for m in read_metrics(run_dir))
+
