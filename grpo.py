@@ -202,11 +202,14 @@ def completion_logprobs(model, input_ids, attention_mask, completion_length, tem
 
 @torch.no_grad()
 def frozen_logprobs(model, batch, args):
-    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients (each rank scores its share)."""
+    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients.
+
+    Under torchrun each rank scores its share of the rows, and every rank receives all of them.
+    """
     rows = torch.arange(batch["mask"].shape[0])
-    return distributed.gather_rows(torch.cat([completion_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx],
-                                                                  batch["mask"].shape[1], args.temperature)[0]
-                                              for idx in distributed.micro_batches(rows, args.micro_batch_size)]), rows)
+    own = [completion_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"].shape[1],
+                               args.temperature)[0] for idx in distributed.micro_batches(rows, args.micro_batch_size)]
+    return distributed.gather_rows(torch.cat(own), rows)
 
 
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
@@ -269,7 +272,8 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             totals = {key: totals[key] + stats[key] for key in totals}
     policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
-    totals, old_logp = distributed.sum_over_ranks(totals), distributed.merge_rows(old_logp, trained)  # the ranks agree again
+    # Under torchrun the ranks agree again: statistics summed, and pi_old from the rank that computed each row.
+    totals, old_logp = distributed.sum_over_ranks(totals), distributed.merge_rows(old_logp, trained)
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,

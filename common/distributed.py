@@ -71,7 +71,8 @@ def start(device: str) -> str:
     elif device == "cpu":
         backend = "gloo"
     else:
-        raise UsageError(f"under torchrun every rank uses its own GPU, cuda:LOCAL_RANK; pass --device cuda or cpu, not {device}")
+        raise UsageError(f"under torchrun every rank uses its own GPU, cuda:LOCAL_RANK; pass --device cuda or cpu, "
+                         f"not {device}")
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_VARIABLE, 1800)))
     dist.init_process_group(backend, timeout=timeout, device_id=torch.device(device) if backend == "nccl" else None)
     _state["device"] = device
@@ -133,7 +134,8 @@ def stop(message: str):
 
 
 def _failure_key() -> str:
-    return f"cleancredit/failed/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"cleancredit/failed/{run}/{restart}"  # a restarted group (--max-restarts) does not see an old failure
 
 
 def _watch_for_failed_ranks():
@@ -160,11 +162,13 @@ def _watch_for_failed_ranks():
                 failed = store.get(key).decode() if store.check([key]) else None
             except Exception:  # the store's host is gone: the run is over, or broken
                 if not _state["leaving"]:
-                    print(f"{program}: error: rank {own_rank} lost the rendezvous store; stopping", file=sys.stderr, flush=True)
+                    print(f"{program}: error: rank {own_rank} lost the rendezvous store; stopping", file=sys.stderr,
+                          flush=True)
                     os._exit(1)
                 return
             if failed is not None and failed != str(own_rank) and not _state["closed"]:
-                print(f"{program}: stopping rank {own_rank}: rank {failed} failed (its error is above)", file=sys.stderr, flush=True)
+                print(f"{program}: stopping rank {own_rank}: rank {failed} failed (its error is above)",
+                      file=sys.stderr, flush=True)
                 os._exit(1)
             time.sleep(1.0)
 

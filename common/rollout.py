@@ -247,7 +247,8 @@ class RolloutsShared:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, greedy: bool = False) -> Rollout:
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+                 greedy: bool = False) -> Rollout:
         own = prompts[distributed.row_block(len(prompts))]
         # Greedy decoding draws no random number: the main generator is left alone, as with one process
         # (so that a resumed run, which evaluates first, continues exactly).
@@ -308,7 +309,8 @@ def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_
     if not 0 < gpu_memory_utilization < 1:
         raise UsageError(f"--vllm-gpu-memory-utilization must be between 0 and 1 (got {gpu_memory_utilization})")
     from common.vllm_engine import VLLMEngine  # imported only when used: vLLM takes seconds to import
-    return shared_by_ranks(VLLMEngine(policy, tokenizer, model_source, max_model_len=max_model_len, batch_size=batch_size,
-                                      seed=seed + distributed.rank(),  # each rank's engine samples its own responses
-                                      gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
-                                      check_threshold=check_threshold, trust_remote_code=trust_remote_code))
+    engine = VLLMEngine(policy, tokenizer, model_source, max_model_len=max_model_len, batch_size=batch_size,
+                        seed=seed + distributed.rank(),  # under torchrun each rank's engine samples its own responses
+                        gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
+                        check_threshold=check_threshold, trust_remote_code=trust_remote_code)
+    return shared_by_ranks(engine)

@@ -201,7 +201,8 @@ def restore_checkpoint(checkpoint: Path, policy, state: dict) -> int:
     elif distributed.is_distributed():
         raise UsageError(f"--resume: {checkpoint} was written by plain python; resume it with python, not torchrun")
     for name, item in state.items():
-        if not hasattr(item, "save_pretrained") and not (sharded_optimizers and isinstance(item, torch.optim.Optimizer)):
+        loaded = hasattr(item, "save_pretrained") or (sharded_optimizers and isinstance(item, torch.optim.Optimizer))
+        if not loaded:
             item.load_state_dict(trainer_state[name])
     random.setstate(trainer_state["python_rng"])
     torch.set_rng_state(trainer_state["torch_rng"])

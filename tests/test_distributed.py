@@ -87,8 +87,8 @@ def test_two_processes_give_the_single_process_gradients_and_parameters(parity_r
     assert largest_difference(plain["parameters"], one["parameters"]) == 0.0
     assert all(same_nans_and_values(x, y) for x, y in zip(plain["old_logp"], one["old_logp"]))
     # Two processes: equal up to float32 summation order, which grows over the steps (measured: at most
-    # 1.1e-5 of the largest gradient, with the KL term over 12 steps). A share summed twice or not at all would be off
-    # by about the gradient itself.
+    # 1.1e-5 of the largest gradient, with the KL term over 12 steps). A share summed twice or not at all
+    # would be off by about the gradient itself.
     scale = max(g.abs().max().item() for step in plain["gradients"] for g in step.values())
     assert scale > 1e-3
     for step_plain, step_two in zip(plain["gradients"], two["gradients"]):
@@ -106,7 +106,8 @@ def test_ranks_generating_different_lengths_do_not_deadlock(tmp_path):
     outputs = torch.load(tmp_path / "out.pt", weights_only=False)
     tokenizer, policy = build_tokenizer(), load_model("tiny", "cpu")
     for rank, output in enumerate(outputs):
-        alone = generate(policy, tokenizer, [render_prompt(tokenizer, output["question"], "chat")], 4 + 36 * rank, greedy=True)
+        prompt = render_prompt(tokenizer, output["question"], "chat")
+        alone = generate(policy, tokenizer, [prompt], 4 + 36 * rank, greedy=True)
         assert output["tokens"] == alone.completion_ids[0].tolist()  # the sharded model's tokens are the model's
     assert len(outputs[1]["tokens"]) == 40 > len(outputs[0]["tokens"])
 
@@ -129,8 +130,8 @@ def test_a_failing_rank_on_another_node_stops_this_one_within_seconds():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-           distributed.TIMEOUT_VARIABLE: "1800"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", distributed.TIMEOUT_VARIABLE: "1800"}
     started = time.time()
     ranks = [subprocess.Popen([sys.executable, "tests/distributed_checks.py", "fail"], cwd=ROOT, text=True,
                               stderr=subprocess.PIPE, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -206,9 +207,9 @@ def test_a_torchrun_checkpoint_resumes_in_plain_python_with_the_same_optimizer_s
 def test_grpo_samples_with_one_vllm_engine_per_rank_synced_from_the_shards(tmp_path):
     # Each rank's in-process vLLM engine (external launcher) gets the weights gathered from the shards;
     # every rank checks the whole batch against the trainer's log-probs, and leaves cleanly at the end.
-    result = torchrun(2, "grpo.py", "--rollout", "vllm", "--total-steps", "2", "--num-prompts", "3", "--group-size", "3",
-                      "--max-new-tokens", "48", "--eval-size", "6", "--eval-every", "0", "--runs-dir", str(tmp_path),
-                      timeout=400)
+    result = torchrun(2, "grpo.py", "--rollout", "vllm", "--total-steps", "2", "--num-prompts", "3", "--group-size",
+                      "3", "--max-new-tokens", "48", "--eval-size", "6", "--eval-every", "0", "--runs-dir",
+                      str(tmp_path), timeout=400)
     check_ran(result)
     [run_dir] = tmp_path.iterdir()
     assert all(m["sampler_logp_diff"] < 1e-5 for m in read_metrics(run_dir))
