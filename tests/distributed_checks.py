@@ -1,10 +1,11 @@
 """Checks that run inside `torchrun` (or plain python, as the reference), for tests/test_distributed.py.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_checks.py parity BATCH_FILE OUT_FILE
-    torchrun --standalone --nproc-per-node 2 tests/distributed_checks.py generate OUT_FILE
-    torchrun --standalone --nproc-per-node 2 tests/distributed_checks.py fail
+    torchrun --standalone --nproc-per-node 2 tests/distributed_checks.py FOLDER parity generate
+    python tests/distributed_checks.py FOLDER parity
+    torchrun --standalone --nproc-per-node 2 tests/distributed_checks.py - fail
 
-Rank 0 writes what it measured to OUT_FILE (torch.save) for the test to compare.
+Rank 0 writes what each check measured to FOLDER/<check>-<processes>.pt (torch.save; "plain" without
+torchrun) for the test to compare; `parity` reads the batch from FOLDER/batch.pt.
 """
 
 import sys
@@ -31,6 +32,14 @@ PARITY_CONFIGS = {
     "one trained row": dict(loss_aggregation="token-mean", micro_batch_size=3, trained_rows=[2]),
     "gradient checkpointing": dict(loss_aggregation="token-mean", micro_batch_size=3, gradient_checkpointing=True),
 }
+# prime.py's PRM step and advantages on the same batch (2 groups of 4, outcomes below): the PRM's
+# gradient, its process rewards q and the batch-whitened advantages.
+PRIME_CONFIGS = {
+    "prime: reward-then-update": dict(micro_batch_size=3),
+    "prime: update-then-reward, paper baseline": dict(micro_batch_size=1, prm_order="update-then-reward",
+                                                      process_baseline="paper"),
+}
+PRIME_OUTCOMES = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
 STEPS = 3
 
 
@@ -38,50 +47,64 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor).detach().clone()
 
 
-def parity(batch_file: str, out_file: str):
+def recording_gradients(model, recorded: dict):
+    """torch.nn.utils.clip_grad_norm_ that first records `model`'s full gradients, then clips and records the norm."""
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, **kwargs):
+        recorded["gradients"].append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+        norm = clip(parameters, max_norm, **kwargs)
+        recorded["norms"].append(full(norm))
+        return norm
+
+    return recording_clip
+
+
+def parity(folder: Path) -> dict:
     """For each configuration: the gradients of every optimizer step (before clipping), the clipped
-    norm, the metrics and pi_old of each update, and the parameters after STEPS updates."""
+    norm, the metrics and the outputs of each update (pi_old; PRIME's q and advantages), and the
+    parameters after STEPS updates."""
     import grpo
+    import prime
     from common.model import load_model
 
-    device = distributed.start("cpu")
-    batch = torch.load(batch_file, weights_only=True)
+    device = distributed.start("cpu")  # already started: this rank's device
+    batch = torch.load(folder / "batch.pt", weights_only=True)
     clip = torch.nn.utils.clip_grad_norm_
     results = {}
-    for name, config in PARITY_CONFIGS.items():
+    for name, config in {**PARITY_CONFIGS, **PRIME_CONFIGS}.items():
         torch.manual_seed(0)
-        args = grpo.Args(**{key: value for key, value in config.items() if key != "trained_rows"})
-        policy = load_model("tiny", device, gradient_checkpointing=args.gradient_checkpointing)
-        policy.train()
-        ref_model = load_model("tiny", device).requires_grad_(False) if args.kl_coef > 0 else None
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
+        recorded = {"gradients": [], "norms": [], "metrics": [], "outputs": []}
+        if name in PRIME_CONFIGS:
+            args = prime.Args(**config)
+            model, reference = load_model("tiny", device), load_model("tiny", device).requires_grad_(False)
+        else:
+            args = grpo.Args(**{key: value for key, value in config.items() if key != "trained_rows"})
+            model = load_model("tiny", device, gradient_checkpointing=args.gradient_checkpointing)
+            reference = load_model("tiny", device).requires_grad_(False) if args.kl_coef > 0 else None
+            trained = torch.zeros(batch["mask"].shape[0], 1)
+            trained[config.get("trained_rows", [0, 1, 2, 3, 4, 6, 7])] = 1
+            step_batch = {**batch, "advantages": batch["advantages"] * trained}
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        recorded = {"gradients": [], "norms": [], "metrics": [], "old_logp": []}
-
-        def recording_clip(parameters, max_norm, **kwargs):
-            parameters = list(parameters)
-            recorded["gradients"].append({n: full(p.grad) for n, p in policy.named_parameters() if p.grad is not None})
-            norm = clip(parameters, max_norm, **kwargs)
-            recorded["norms"].append(full(norm))
-            return norm
-
-        torch.nn.utils.clip_grad_norm_ = recording_clip
-        trained = torch.zeros(batch["mask"].shape[0], 1)
-        trained[config.get("trained_rows", [0, 1, 2, 3, 4, 6, 7])] = 1
-        step_batch = {**batch, "advantages": batch["advantages"] * trained}
+        torch.nn.utils.clip_grad_norm_ = recording_gradients(model, recorded)
         for _ in range(STEPS):
-            metrics, old_logp = grpo.update_policy(policy, ref_model, optimizer, scheduler, step_batch, args)
+            if name in PRIME_CONFIGS:
+                outcomes = torch.tensor(PRIME_OUTCOMES)
+                q, metrics = prime.update_prm(model, reference, optimizer, scheduler, batch, outcomes, args)
+                output = prime.prime_advantages(q, outcomes, batch["mask"], 4, args.process_baseline)
+            else:
+                metrics, output = grpo.update_policy(model, reference, optimizer, scheduler, step_batch, args)
             recorded["metrics"].append(metrics)
-            recorded["old_logp"].append(old_logp)
+            recorded["outputs"].append(output)
         torch.nn.utils.clip_grad_norm_ = clip
-        recorded["parameters"] = {n: full(p) for n, p in policy.named_parameters()}
+        recorded["parameters"] = {n: full(p) for n, p in model.named_parameters()}
         results[name] = recorded
-    if distributed.is_main():
-        torch.save(results, out_file)
-    distributed.close()
+    return results
 
 
-def uneven_generation(out_file: str):
+def uneven_generation(folder: Path) -> list[dict]:
     """Each rank generates greedily on the sharded tiny model with its own prompt and its own length
     (4 tokens on rank 0, 40 on rank 1), so rank 0 is done long before rank 1."""
     from common.build_tiny import build_tokenizer
@@ -89,30 +112,33 @@ def uneven_generation(out_file: str):
     from common.model import load_model
     from common.rollout import generate
 
-    device = distributed.start("cpu")
+    device = distributed.start("cpu")  # already started: this rank's device
     tokenizer = build_tokenizer()
     policy = load_model("tiny", device)
     question = ["Compute 12+34.", "Compute 99-10+11-40."][distributed.rank() % 2]
     started = time.time()
     rollout = generate(policy, tokenizer, [render_prompt(tokenizer, question, "chat")], 4 + 36 * distributed.rank(),
                        greedy=True)
-    outputs = distributed.gather_objects({"question": question, "tokens": rollout.completion_ids[0].tolist(),
-                                          "seconds": time.time() - started})
-    if distributed.is_main():
-        torch.save(outputs, out_file)
-    distributed.close()
+    return distributed.gather_objects({"question": question, "tokens": rollout.completion_ids[0].tolist(),
+                                       "seconds": time.time() - started})
 
 
-def failing_rank():
+def failing_rank(folder: Path):
     """Rank 1 stops with a one-line error while rank 0 is busy for ten minutes and then waits in a collective."""
-    distributed.start("cpu")
     if distributed.rank() == 1:
         time.sleep(2)
         sys.exit("distributed_checks.py: error: rank 1 stops here on purpose")
     time.sleep(600)
     distributed.barrier()
-    distributed.close()
 
+
+CHECKS = {"parity": parity, "generate": uneven_generation, "fail": failing_rank}
 
 if __name__ == "__main__":
-    {"parity": parity, "generate": uneven_generation, "fail": failing_rank}[sys.argv[1]](*sys.argv[2:])
+    distributed.start("cpu")
+    processes = distributed.world_size() if distributed.is_distributed() else "plain"
+    for check in sys.argv[2:]:
+        result = CHECKS[check](Path(sys.argv[1]))
+        if distributed.is_main() and result is not None:
+            torch.save(result, Path(sys.argv[1]) / f"{check}-{processes}.pt")
+    distributed.close()
