@@ -153,7 +153,7 @@ def _save_checkpoint_of_ranks(checkpoints: Path, final: Path, partial: Path, ste
     if distributed.is_main():
         shutil.rmtree(partial, ignore_errors=True)
     distributed.barrier()
-    models = {"": policy, **{name: item for name, item in state.items() if hasattr(item, "save_pretrained")}}
+    models = _models(policy, state)
     for name, model in models.items():
         weights = distributed.full_state_dict(model)  # every rank takes part; rank 0 receives them
         if distributed.is_main():
@@ -168,6 +168,11 @@ def _save_checkpoint_of_ranks(checkpoints: Path, final: Path, partial: Path, ste
     if distributed.is_main():
         _publish(checkpoints, final, partial, keep)
     distributed.barrier()
+
+
+def _models(policy, state: dict) -> dict:
+    """{folder name: model} of a checkpoint: the policy in the checkpoint's own folder, the others in subfolders."""
+    return {"": policy, **{name: item for name, item in state.items() if hasattr(item, "save_pretrained")}}
 
 
 def _optimizers_with_models(models: dict, state: dict) -> dict:
@@ -196,8 +201,8 @@ def restore_checkpoint(checkpoint: Path, policy, state: dict) -> int:
     trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     sharded_optimizers = (checkpoint / OPTIMIZER_STATES).is_dir()
     if sharded_optimizers:
-        models = {"": policy, **{name: item for name, item in state.items() if hasattr(item, "save_pretrained")}}
-        distributed.load_optimizer_states(checkpoint / OPTIMIZER_STATES, _optimizers_with_models(models, state))
+        optimizers = _optimizers_with_models(_models(policy, state), state)
+        distributed.load_optimizer_states(checkpoint / OPTIMIZER_STATES, optimizers)
     elif distributed.is_distributed():
         raise UsageError(f"--resume: {checkpoint} was written by plain python; resume it with python, not torchrun")
     for name, item in state.items():

@@ -1,6 +1,7 @@
 """Rollouts from vLLM, in the trainer's own process, given the policy's weights after every update.
 
-The engine lives beside the trainer (one process, one GPU or the CPU) and gets the policy's
+The engine lives beside the trainer (one process, one GPU or the CPU; under torchrun, one engine per
+rank on the rank's own GPU, filled with the weights gathered from the shards) and gets the policy's
 weights through vLLM's in-place `reload_weights`, called through `collective_rpc`: it works
 in-process on GPU and CPU alike (vLLM's weight-transfer backends do not run on its CPU build), and
 the tensors pass by reference, with no serialisation and no file. The engine starts with dummy
