@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common import UsageError, distributed
 from common.cli import parse_args
 from common.evaluation import eval_run_name
-from common.model import default_device, load_model, load_tokenizer
+from common.model import PRECISIONS, check_training_fits, default_device, load_model, load_tokenizer
 from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
@@ -75,7 +75,7 @@ class Args:
     resume: str | None = field(default=None, metadata={"help": "run folder to continue from its last checkpoint"})
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "weights' dtype (default: bf16 on GPU, fp32 on CPU)", "choices": ("float32", "bfloat16", "float16")})
+    dtype: str | None = field(default=None, metadata={"help": "bf16-mixed: fp32 master weights, bf16 compute; bfloat16: bf16 weights and AdamW states, which lose small updates; fp16 would need loss scaling and is not offered (default: bf16-mixed on a GPU with bf16, else float32)", "choices": PRECISIONS})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
     rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
@@ -297,6 +297,8 @@ def main(argv=None):
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
+        # Mixed precision, the default on GPUs: the weights and AdamW's states stay fp32, where a step of 1e-6 is not
+        # rounded away as in bf16 weights; every forward computes in bf16 (autocast), the dtype vLLM samples in.
         policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
         policy.train()
         # Every prompt this run will render, training and held-out, must leave room for a full response.
@@ -304,7 +306,7 @@ def main(argv=None):
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
         longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
         # The reference is the starting model, frozen; with no KL term it is not even loaded.
-        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False) if args.kl_coef > 0 else None
+        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code, frozen=True) if args.kl_coef > 0 else None
         engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
                                      batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
@@ -320,6 +322,10 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
         checkpointed = {"optimizer": optimizer, "scheduler": scheduler}  # what a checkpoint holds beside the policy
+        # ALGO LOGIC: the models in memory beside the policy: trained (weights, gradients, AdamW) and frozen.
+        trained_models, frozen_models = [policy], [ref_model]
+        # ALGO LOGIC END
+        check_training_fits(trained_models, frozen_models, args.learning_rate, engine)
         start_step = restore_checkpoint(checkpoint, policy, checkpointed) if checkpoint else 0
         run_dir = Path(args.resume) if checkpoint else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed)
         run_log = RunLog(run_dir, args, start_step if checkpoint else None, tracker, args.track_project)
@@ -328,9 +334,11 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate()
-    eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
-    print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
+    eval_results = initial_results = evaluate()
+    eval_accuracy = next(iter(eval_results.values()))["pass@1"]
+    print(f"held-out greedy accuracy at step {start_step}: {eval_accuracy:.3f}")
+    if not checkpoint:  # the start is in the record (a resumed run's log holds it already)
+        run_log.log({"step": 0, "eval_accuracy": eval_accuracy, "eval": eval_results})
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -387,7 +395,7 @@ def main(argv=None):
     if history:  # empty when resuming a run that had already finished
         # ALGO LOGIC: the end-of-run summary; a method adds its own lines with method_lines={label: text}.
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir)
+                      initial_results, eval_results, time.time() - started, run_dir)
         # ALGO LOGIC END
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common import UsageError, distributed
 from common.cli import parse_args
 from common.evaluation import eval_run_name
-from common.model import default_device, load_model, load_tokenizer
+from common.model import PRECISIONS, check_training_fits, default_device, load_model, load_tokenizer
 from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
@@ -98,7 +98,7 @@ class Args:
     resume: str | None = field(default=None, metadata={"help": "run folder to continue from its last checkpoint"})
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "weights' dtype (default: bf16 on GPU, fp32 on CPU)", "choices": ("float32", "bfloat16", "float16")})
+    dtype: str | None = field(default=None, metadata={"help": "bf16-mixed: fp32 master weights, bf16 compute; bfloat16: bf16 weights and AdamW states, which lose small updates; fp16 would need loss scaling and is not offered (default: bf16-mixed on a GPU with bf16, else float32)", "choices": PRECISIONS})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
     rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
@@ -499,6 +499,8 @@ def main(argv=None):
             if load_tokenizer(name, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
                 raise UsageError(f"{name} has another tokenizer than the policy; a PRM must score the policy's own tokens")
         # ALGO LOGIC END
+        # Mixed precision, the default on GPUs: the weights and AdamW's states stay fp32, where a step of 1e-6 is not
+        # rounded away as in bf16 weights; every forward computes in bf16 (autocast), the dtype vLLM samples in.
         policy = load_model(policy_source, device, args.dtype, args.trust_remote_code, args.gradient_checkpointing)
         policy.train()
         # Every prompt this run will render, training and held-out, must leave room for a full response.
@@ -506,7 +508,7 @@ def main(argv=None):
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
         longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
         # The reference is the starting model, frozen; with no KL term it is not even loaded.
-        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code).requires_grad_(False) if args.kl_coef > 0 else None
+        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code, frozen=True) if args.kl_coef > 0 else None
         engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
                                      batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
@@ -523,18 +525,22 @@ def main(argv=None):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
         checkpointed = {"optimizer": optimizer, "scheduler": scheduler}  # what a checkpoint holds beside the policy
         # ALGO LOGIC: the implicit PRM, trained: from the checkpoint on resume, else --prm-model or the policy's
-        # starting weights. Its reference, frozen: --prm-reference or the starting model, never the checkpoint
-        # (shared with the KL term when that is on).
+        # starting weights. Its reference, frozen: --prm-reference or the starting model, never the checkpoint.
+        # The reference computes exactly as the PRM does (the same precision, not a bf16 copy), so q_t is exactly 0
+        # where the PRM has not moved: max-normalisation would blow rounding noise up to rewards of size 1.
         prm = load_model(str(checkpoint / "prm") if checkpoint else args.prm_model or args.model, device, args.dtype,
                          args.trust_remote_code, args.gradient_checkpointing)
         prm.train()
-        reference_name = args.prm_reference or args.model
-        prm_reference = (ref_model if ref_model is not None and reference_name == args.model else
-                         load_model(reference_name, device, args.dtype, args.trust_remote_code).requires_grad_(False))
+        prm_reference = load_model(args.prm_reference or args.model, device, args.dtype, args.trust_remote_code)
+        prm_reference.requires_grad_(False)
         prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=0.0)
         prm_scheduler = torch.optim.lr_scheduler.LambdaLR(prm_optimizer, lambda step: min(1.0, (step + 1) / max(args.prm_warmup_steps, 1)))
         checkpointed.update(prm=prm, prm_optimizer=prm_optimizer, prm_scheduler=prm_scheduler)
         # ALGO LOGIC END
+        # ALGO LOGIC: the models in memory beside the policy: trained (weights, gradients, AdamW) and frozen.
+        trained_models, frozen_models = [policy, prm], [ref_model, prm_reference]
+        # ALGO LOGIC END
+        check_training_fits(trained_models, frozen_models, args.learning_rate, engine)
         start_step = restore_checkpoint(checkpoint, policy, checkpointed) if checkpoint else 0
         run_dir = Path(args.resume) if checkpoint else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed)
         run_log = RunLog(run_dir, args, start_step if checkpoint else None, tracker, args.track_project)
@@ -543,9 +549,11 @@ def main(argv=None):
     print(f"run folder: {run_dir}")
 
     # The headline number is greedy pass@1 on the first held-out set; all sets are logged under "eval".
-    eval_results = evaluate()
-    eval_accuracy = initial_accuracy = next(iter(eval_results.values()))["pass@1"]
-    print(f"held-out greedy accuracy at step {start_step}: {initial_accuracy:.3f}")
+    eval_results = initial_results = evaluate()
+    eval_accuracy = next(iter(eval_results.values()))["pass@1"]
+    print(f"held-out greedy accuracy at step {start_step}: {eval_accuracy:.3f}")
+    if not checkpoint:  # the start is in the record (a resumed run's log holds it already)
+        run_log.log({"step": 0, "eval_accuracy": eval_accuracy, "eval": eval_results})
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
@@ -650,8 +658,7 @@ def main(argv=None):
                                         f"{sum(m['filter_draws'] for m in history) / len(history):.2f} draws per step, "
                                         f"{sum(m['trained_prompts'] < args.num_prompts for m in history)} of {len(history)} steps short of {args.num_prompts} prompts")
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
-                      args.eval_dataset.split(",")[0], initial_accuracy, eval_accuracy, time.time() - started, run_dir,
-                      prime_lines)
+                      initial_results, eval_results, time.time() - started, run_dir, prime_lines)
         # ALGO LOGIC END
 
 

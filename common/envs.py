@@ -26,7 +26,7 @@ import torch
 
 from common import UsageError
 from common.data import ProblemStream, render_prompt
-from common.evaluation import Evaluator
+from common.evaluation import Evaluator, greedy_results, sampled_results
 from common.keydoor import KeyDoorEnv, heldout_seeds, train_seed
 from common.rollout import Rollout, check_context_length
 
@@ -230,9 +230,9 @@ def stack_turns(turns: list[Turn], pad_token_id: int) -> Rollout:
 
 
 class EpisodeEvaluator(Evaluator):
-    """Evaluator for agent tasks: success rate of greedy episodes (reported as pass@1), their mean
-    return and length, and with `samples` k > 0, mean@k (mean success of k sampled episodes per
-    task) and pass@k (share of tasks won by any of them)."""
+    """Evaluator for agent tasks: success rate of greedy episodes (reported as pass@1, with its 95%
+    interval and which tasks were won in "greedy_correct"), their mean return and length, and with
+    `samples` k > 0, mean@k (mean success of k sampled episodes per task) and the unbiased pass@k."""
 
     def __init__(self, engine, eval_sets: dict[str, list[dict]], template: str, max_new_tokens: int,
                  batch_size: int, samples: int, temperature: float, max_turns: int, history_length: int,
@@ -249,14 +249,11 @@ class EpisodeEvaluator(Evaluator):
     def evaluate(self, problems: list[dict]) -> dict:
         greedy = self._play(problems, greedy=True)
         turns = [turn for episode in greedy for turn in episode.turns]
-        results = {"pass@1": sum(e.won for e in greedy) / len(greedy),
+        results = {**greedy_results([episode.won for episode in greedy]),
                    "return": sum(e.total_reward for e in greedy) / len(greedy),
                    "turns": len(turns) / len(greedy),
                    "invalid_rate": sum(turn.action is None for turn in turns) / max(len(turns), 1)}
         if self.samples:
             sampled = self._play([task for task in problems for _ in range(self.samples)], temperature=self.temperature)
-            won = torch.tensor([episode.won for episode in sampled], dtype=torch.float).view(-1, self.samples)
-            results[f"mean@{self.samples}"] = won.mean().item()
-            if self.samples > 1:  # a sampled pass@1 is mean@1; "pass@1" stays the greedy success rate
-                results[f"pass@{self.samples}"] = won.max(dim=1).values.mean().item()
+            results.update(sampled_results([episode.won for episode in sampled], self.samples))
         return results

@@ -4,6 +4,7 @@ Every user mistake (unknown name, hub model while offline, folder without weight
 one-line `UsageError`, never a traceback from transformers.
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -65,11 +66,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    # GPUs without bf16 (V100, T4) get fp32 rather than fp16: fp16 training would need loss scaling.
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+PRECISIONS: tuple[str, ...] = ("bf16-mixed", "float32", "bfloat16")  # what --dtype accepts
+
+
+def default_precision(device: str) -> str:
+    """bf16-mixed on a GPU with bf16, else float32 (GPUs without bf16, V100 and T4, get fp32 rather than fp16:
+    fp16 training would need loss scaling)."""
+    return "bf16-mixed" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
+def weights_dtype(precision: torch.dtype | str | None, device: str, frozen: bool = False) -> torch.dtype | str:
+    """The dtype a model's weights are loaded in under `precision` (None: default_precision).
+
+    bf16-mixed keeps a trained model's weights in fp32 (its master weights: the optimizer updates
+    them, and fp32 keeps steps that bf16 would round away) and a frozen model's in bf16 (it takes
+    no update, so fp32 would only double its memory; it computes in bf16 either way).
+    """
+    precision = default_precision(device) if precision is None else precision
+    if precision == "bf16-mixed":
+        return torch.bfloat16 if frozen else torch.float32
+    if isinstance(precision, str):
+        if precision not in _DTYPES:
+            raise UsageError(f"unknown dtype {precision!r}; use one of {', '.join(PRECISIONS)}")
+        return _DTYPES[precision]
+    return precision
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype `model` computes in: bf16 for a bf16-mixed model (fp32 weights under bf16 autocast), else
+    its weights' dtype. A rollout engine samples in this dtype."""
+    return getattr(model, "autocast_dtype", model.dtype)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -98,8 +124,16 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     gradient_checkpointing: bool | None = False,
+    frozen: bool = False,
 ):
     """Causal LM on `device`, in eval() mode (as from_pretrained returns it).
+
+    `dtype`: a precision of PRECISIONS (None: default_precision), or any torch dtype. Under
+    "bf16-mixed" the weights are fp32 and every forward runs under bf16 autocast, as accelerate's
+    mixed precision does (TRL; verl and OpenRLHF keep fp32 masters the same way): an AdamW step of
+    lr 1e-6 is below half of bf16's spacing for nearly every weight of a real model, and bf16
+    weights would round it away. A `frozen` model has no gradients and, under bf16-mixed, bf16
+    weights (see weights_dtype).
 
     `gradient_checkpointing` None means on with CUDA and off on a CPU: it trades about a third more
     compute for activations a 1.5B-7B model cannot hold otherwise, a trade the CPU-sized default
@@ -110,33 +144,32 @@ def load_model(
     mode it also drops the KV cache, which generate() needs.
 
     Under torchrun the model comes back sharded over the ranks (common.distributed.shard), loaded
-    on the CPU first so that no GPU ever holds all of it. On GPUs the default there is fp32 master
-    weights (the shards, their gradients and AdamW states) with bf16 compute, through FSDP2's
-    mixed-precision policy.
+    on the CPU first so that no GPU ever holds all of it; bf16-mixed is then FSDP2's mixed-precision
+    policy instead of autocast (fp32 shards, their gradients and AdamW states; bf16 compute).
     """
     device = device or default_device()
-    sharded = distributed.is_distributed()
-    compute_dtype = None
-    if dtype is None:
-        dtype = default_dtype(device)
-        if sharded and dtype != torch.float32:
-            dtype, compute_dtype = torch.float32, dtype
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    precision = default_precision(device) if dtype is None else dtype
     source = resolve_model(name)
     try:
         # Safetensors only: pickled .bin weights can run arbitrary code when loaded.
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            source, dtype=weights_dtype(precision, device, frozen), use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise UsageError(_cannot_load("model", name, source, err)) from err
-    if sharded:
-        model = distributed.shard(model, device, compute_dtype)
+    mixed = precision == "bf16-mixed" and not frozen
+    if distributed.is_distributed():
+        # Under torchrun, bf16-mixed is FSDP2's mixed precision: each layer's fp32 shards are gathered in bf16.
+        model = distributed.shard(model, device, torch.bfloat16 if mixed else None)
     else:
         model.to(device)
+    if mixed:
+        model.autocast_dtype = torch.bfloat16
+    if mixed and not distributed.is_distributed():
+        # Every forward, in training and inside generate(), computes in bf16; parameters and gradients stay fp32.
+        model.forward = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
+    if frozen:
+        model.requires_grad_(False)
     if gradient_checkpointing is None:
         gradient_checkpointing = str(device).startswith("cuda")
     if gradient_checkpointing:
@@ -145,6 +178,67 @@ def load_model(
         # Training forwards need no KV cache; generate() still uses one (generation_config.use_cache).
         model.config.use_cache = False
     return model
+
+
+def lost_update_fraction(model, learning_rate: float) -> float:
+    """Share of `model`'s bf16 weights that a step of `learning_rate` cannot move.
+
+    An AdamW step moves each weight by about the learning rate (its update m / sqrt(v) is near 1
+    in size). bf16 keeps 8 significant bits, so its spacing near w is 2^(e - 8) for |w| in
+    [2^(e-1), 2^e), and a step below half the spacing rounds back to the same weight. Zero
+    weights are not counted: bf16 resolves small values finely.
+    """
+    lost = total = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            _, exponent = torch.frexp(parameter.detach().float())  # |w| = m 2^e, m in [0.5, 1)
+            half_spacing = torch.ldexp(torch.ones_like(parameter, dtype=torch.float), exponent - 9)
+            lost += ((learning_rate < half_spacing) & (parameter != 0)).sum().item()
+            total += parameter.numel()
+    return lost / max(total, 1)
+
+
+def gpu_memory_bytes(device: torch.device) -> int | None:
+    """The memory of the GPU `device`, or None for a device whose memory is not checked (a CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_training_fits(trained: list, frozen: list, learning_rate: float, engine):
+    """At start-up: warn once when bf16 weights will lose the updates, and on a GPU stop with one line when
+    the models and their training state cannot fit it, rather than run out of memory in step one.
+
+    `trained`: the models the run updates; each needs its weights, gradients and AdamW's two moments,
+    in the weights' dtype: 16 bytes per parameter in fp32 (bf16-mixed), 8 in bf16. `frozen`: models
+    (or None) that only take forward passes. `engine`: the rollout engine, whose share of the GPU
+    while the trainer trains (vLLM without sleep mode) is not the trainer's.
+    """
+    program = Path(sys.argv[0]).name
+    lost = max(lost_update_fraction(model, learning_rate) for model in trained)
+    if lost > 0:
+        print(f"{program}: warning: --dtype bfloat16 keeps the weights and AdamW's states in bf16, and a step of "
+              f"--learning-rate {learning_rate:g} is below half of bf16's spacing for {100 * lost:.1f}% of the trained "
+              "weights, which it leaves unchanged; --dtype bf16-mixed (the default on GPUs) keeps fp32 master weights",
+              file=sys.stderr)
+    device = next(trained[0].parameters()).device
+    memory = gpu_memory_bytes(device)
+    if memory is None:
+        return
+    trained_parameters = sum(p.numel() for model in trained for p in model.parameters())
+    state_bytes = sum(4 * p.numel() * p.element_size() for model in trained for p in model.parameters())
+    frozen = {id(model): model for model in frozen if model is not None}.values()  # a model shared by two roles counts once
+    frozen_bytes = sum(p.numel() * p.element_size() for model in frozen for p in model.parameters())
+    gpus = distributed.world_size()  # under torchrun every model is sharded over all the ranks' GPUs
+    available = gpus * memory * (1 - engine.training_gpu_share)
+    if state_bytes + frozen_bytes > 0.9 * available:  # a tenth at least for activations and the log-softmax
+        gib = 2 ** 30
+        held = f", after vLLM's {engine.training_gpu_share:.0%} (no sleep mode)" if engine.training_gpu_share else ""
+        whose = "the GPU's" if gpus == 1 else f"the {gpus} GPUs'"
+        raise UsageError(
+            f"training needs about {(state_bytes + frozen_bytes) / gib:.1f} GiB before activations "
+            f"({trained_parameters / 1e9:.2f}B trained parameters x {state_bytes // max(trained_parameters, 1)} bytes: "
+            f"weights, gradients and AdamW's two moments; {frozen_bytes / gib:.1f} GiB of frozen models), more than 90% "
+            f"of {whose} {available / gib:.1f} GiB{held}; use more GPUs (torchrun, docs/real-models.md), a smaller "
+            "model, or --dtype bfloat16 (8 bytes per parameter, but updates below bf16's resolution are lost)")
 
 
 def _cannot_load(what: str, name: str, source: str, err: Exception) -> str:

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification
 from common import UsageError
 from common.arithmetic import check_step
 from common.data import PROMPT_TEMPLATES, render_prompt
-from common.model import default_dtype, load_tokenizer, resolve_model
+from common.model import load_tokenizer, resolve_model, weights_dtype
 from common.verify import score
 
 # What the PRM sees before the steps: the bare question (how TRL's PRM data sets hold it), or the
@@ -254,7 +254,7 @@ def load_discriminative_prm(name: str, device: str, dtype=None, separator: str =
         tokenizer = load_tokenizer(name, trust_remote_code)
     except UsageError as err:
         raise UsageError(f"--prm: {err}") from err
-    dtype = default_dtype(device) if dtype is None else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = weights_dtype(dtype, device, frozen=True)  # frozen: bf16-mixed gives bf16 weights, as for a reference model
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         auto_map = getattr(config, "auto_map", None) or {}

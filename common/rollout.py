@@ -220,6 +220,7 @@ class TransformersEngine:
     """Rollouts from the policy itself, with `transformers` generate: nothing to sync or check."""
 
     name = "hf"
+    training_gpu_share = 0.0  # nothing of the GPU stays held while the trainer trains
 
     def __init__(self, policy, tokenizer):
         self.policy, self.tokenizer = policy, tokenizer

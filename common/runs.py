@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common import UsageError, distributed
+from common.evaluation import format_pass_at_1
 
 TRACKERS = ("trackio", "wandb")
 OPTIMIZER_STATES = "optimizers"  # a checkpoint's folder of optimizer states written by every rank (torchrun)
@@ -216,18 +217,22 @@ def restore_checkpoint(checkpoint: Path, policy, state: dict) -> int:
     return trainer_state["step"]
 
 
-def print_summary(header: str, history: list[dict], batch_size: int, eval_name: str, initial_accuracy: float,
-                  final_accuracy: float, elapsed: float, run_dir: Path, method_lines: dict[str, str] | None = None):
-    """One screen at the end of a run: accuracy before and after on `eval_name`, reward trend, where
-    the time went, then `method_lines` ({label: text}), a method's own lines."""
+def print_summary(header: str, history: list[dict], batch_size: int, initial_eval: dict, final_eval: dict,
+                  elapsed: float, run_dir: Path, method_lines: dict[str, str] | None = None):
+    """One screen at the end of a run: greedy accuracy with its 95% interval before and after on the
+    first held-out set (of the evaluations `initial_eval` and `final_eval`, {set: results}), reward
+    trend, where the time went, then `method_lines` ({label: text}), a method's own lines."""
     def mean(key, steps):
         return sum(m[key] for m in steps) / max(len(steps), 1)
     first, last = history[:10], history[-10:]
     synced = [m for m in history if m.get("time_sync") is not None]  # a vLLM engine's steps
     checked = [m for m in synced if m["sampler_logp_diff"] is not None]
+    eval_name, initial = next(iter(initial_eval.items()))
+    final = final_eval[eval_name]
     lines = {
-        "held-out greedy accuracy": f"{initial_accuracy:.3f} -> {final_accuracy:.3f} "
-                                    f"({100 * (final_accuracy - initial_accuracy):+.1f} points on {eval_name})",
+        "held-out greedy accuracy": f"{format_pass_at_1(initial)} -> {format_pass_at_1(final)} "
+                                    f"({100 * (final['pass@1'] - initial['pass@1']):+.1f} points on {eval_name}; "
+                                    f"95% Wilson intervals)",
         "sampled reward": f"{mean('reward_mean', first):.3f} (first {len(first)} steps) -> "
                           f"{mean('reward_mean', last):.3f} (last {len(last)})",
         "response length": f"{mean('response_length', history):.1f} tokens, {100 * mean('truncated_fraction', history):.1f}% truncated",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from common import distributed
-from common.model import resolve_model
+from common.model import compute_dtype, resolve_model
 from common.rollout import Rollout, completion_mask_and_truncation, decode_completions, eos_token_ids, sampler_mismatch
 
 # In-process engine: the trainer's tensors reach it by reference. vLLM reads this when it starts.
@@ -63,7 +63,7 @@ class VLLMEngine:
     hold while awake (its weights, activations and KV cache). `sleep_mode` (default: on with
     CUDA): between rollouts vLLM frees all its GPU memory (level 2: weights and KV cache), so
     training gets it back; every wake-up is followed by a full weight sync. `check_threshold`:
-    the check's stop threshold (default: CHECK_THRESHOLDS by the policy's dtype).
+    the check's stop threshold (default: CHECK_THRESHOLDS by the dtype the policy computes in).
     """
 
     name = "vllm"
@@ -74,9 +74,11 @@ class VLLMEngine:
         device = next(policy.parameters()).device
         on_gpu = device.type == "cuda"
         self.policy, self.tokenizer = policy, tokenizer
-        self.device, self.dtype = device, policy.dtype
+        # A bf16-mixed policy (fp32 master weights, bf16 compute) is sampled in bf16, from its weights cast on every sync.
+        self.device, self.dtype = device, compute_dtype(policy)
         self.eos_ids = eos_token_ids(policy, tokenizer)
         self.sleep_mode = on_gpu if sleep_mode is None else sleep_mode
+        self.training_gpu_share = gpu_memory_utilization if on_gpu and not self.sleep_mode else 0.0
         self.threshold = CHECK_THRESHOLDS[self.dtype] if check_threshold is None else check_threshold
         if on_gpu:
             memory = {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": self.sleep_mode}
@@ -111,8 +113,8 @@ class VLLMEngine:
             torch.cuda.empty_cache()  # hand the trainer's cached free blocks back, for vLLM to map
             self.llm.wake_up(tags=["weights"])  # weights first, so loading them never meets a full KV cache
         # Under torchrun each weight is gathered from the shards in turn, on every rank (common.distributed).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": distributed.full_weights(self.policy),
-                                                          "is_checkpoint_format": True})
+        weights = ((name, tensor.to(self.dtype)) for name, tensor in distributed.full_weights(self.policy))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             if not self.llm.wake_up(tags=["kv_cache"]):
                 raise RuntimeError("vLLM did not wake up fully after its weights and KV cache were restored")

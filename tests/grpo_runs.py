@@ -43,6 +43,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_steps(run_dir: Path) -> list[dict]:
+    """The training steps' lines of a run's metrics.jsonl, after checking that its first line is the
+    held-out evaluation before the first update (step 0) and the only one of its kind."""
+    start, *steps = read_metrics(run_dir)
+    assert start["step"] == 0 and set(start) == {"step", "eval_accuracy", "eval"}, start
+    assert start["eval_accuracy"] == next(iter(start["eval"].values()))["pass@1"]
+    assert all(line["step"] > 0 for line in steps)
+    return steps
+
+
 def sampled_tiny_batch():
     """The tiny model and a batch it sampled (seed 0): 2 arithmetic prompts x 4 responses of up to 48
     tokens, as the trainers hand it to their passes: input_ids and attention_mask [8, P + C], mask [8, C]."""

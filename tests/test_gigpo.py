@@ -23,10 +23,11 @@ from common.model import load_model, load_tokenizer
 from common.rollout import Rollout, TransformersEngine
 import gigpo
 from gigpo import discounted_returns, gigpo_advantages, group_relative, grpo_advantages, step_groups
-from grpo_runs import read_metrics, run_trainer
+from grpo_runs import read_steps, run_trainer
 
 # A short run: 2 layouts x 4 episodes, 20 held-out layouts.
 SHORT_RUN = ["--num-prompts", "2", "--group-size", "4", "--eval-size", "20", "--max-turns", "8"]
+EVAL_KEYS = {"pass@1", "pass@1_low", "pass@1_high", "greedy_correct", "return", "turns", "invalid_rate"}
 
 
 def spec_example():
@@ -296,12 +297,14 @@ def test_short_run_learns_nothing_wrong_and_logs_the_agent_metrics(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("keydoor__gigpo__1__")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert 0 <= m["success_rate"] <= 1 and 1 <= m["episode_turns"] <= 8 and 0 <= m["invalid_action_rate"] <= 1
         assert m["turns"] == round(m["episode_turns"] * 8) and m["grouped_turn_fraction"] > 0 and m["step_group_size"] >= 1
-        assert 0 <= m["eval_accuracy"] <= 1 and set(m["eval"]["keydoor"]) == {"pass@1", "return", "turns", "invalid_rate"}
+        assert 0 <= m["eval_accuracy"] <= 1 and set(m["eval"]["keydoor"]) == EVAL_KEYS
+        won = m["eval"]["keydoor"]["greedy_correct"]  # one 0/1 per held-out layout
+        assert len(won) == 20 and m["eval_accuracy"] == won.count("1") / 20
     assert "turns in step groups of 2+" in result.stdout
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
 
@@ -324,13 +327,13 @@ def test_two_steps_on_the_real_model_in_the_built_in_environment(real_model_dir,
                 "--max-turns", "2", "--eval-size", "2", "--total-steps", "2", "--eval-every", "0",
                 "--learning-rate", "1e-5", "--kl-coef", "0.01", "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         # 4 episodes of 1-2 turns; with a KL term every turn is trained, beside the reference model.
         assert 4 <= m["turns"] <= 8 and m["skipped_sequences"] == 0 and m["kl"] is not None and math.isfinite(m["loss"])
         assert m["grouped_turn_fraction"] >= 4 / m["turns"]  # the 2 x 2 first turns share their task's start state
-    assert set(metrics[-1]["eval"]["keydoor"]) == {"pass@1", "return", "turns", "invalid_rate"}
+    assert set(metrics[-1]["eval"]["keydoor"]) == EVAL_KEYS
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
 
 
@@ -378,8 +381,8 @@ def test_one_gigpo_step_on_a_textworld_game(coin_game, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("games")
-    [metrics] = read_metrics(run_dir)
+    [metrics] = read_steps(run_dir)
     # The 4 episodes start in the same room, so at least their first turns share an anchor state.
     assert 4 <= metrics["turns"] <= 16 and metrics["step_group_size"] > 1
     assert metrics["grouped_turn_fraction"] >= 4 / metrics["turns"]
-    assert set(metrics["eval"][str(coin_game)]) == {"pass@1", "return", "turns", "invalid_rate"}
+    assert set(metrics["eval"][str(coin_game)]) == EVAL_KEYS

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo import Args, completion_logprobs, policy_gradient_pass
-from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer, sampled_tiny_batch
+from grpo_runs import ROOT, read_metrics, read_steps, run_grpo, run_trainer, sampled_tiny_batch
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
@@ -65,7 +65,7 @@ def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("arithmetic__grpo__1__")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for key in ("reward_mean", "loss", "kl", "clip_fraction", "entropy", "response_length", "truncated_fraction",
                 "skipped_sequences", "time_generate", "time_score", "time_train", "tokens_per_sec", "eval_accuracy"):
@@ -85,7 +85,7 @@ def test_memory_switches_of_large_models_also_run_on_a_cpu(tmp_path):
                       "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(run_dir))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in read_steps(run_dir))
     config = json.loads((run_dir / "checkpoints" / "step_2" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["use_cache"] is False  # use_cache: checkpointing was on
 
@@ -115,8 +115,9 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_data(tmp_path, scrip
 
     resumed = run_trainer(script, "--resume", str(killed_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, got = read_metrics(reference_dir), read_metrics(killed_dir)
+    expected, got = read_steps(reference_dir), read_steps(killed_dir)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    assert read_metrics(killed_dir)[0] == read_metrics(reference_dir)[0], "the resumed run kept the start's evaluation"
     for before, after in zip(expected, got):
         for key in ("reward_mean", "loss", "response_length", "eval_accuracy", "skipped_sequences", *method_keys):
             assert before[key] == pytest.approx(after[key], abs=1e-6), (before["step"], key)

@@ -16,7 +16,7 @@ import grpo
 import hicra
 from common.model import load_tokenizer
 from common.phrases import index_phrases, load_phrases, phrase_token_mask
-from grpo_runs import REAL_MODEL_GSM8K_RUN, assert_fails_at_start_up_with_one_line, read_metrics, run_trainer
+from grpo_runs import REAL_MODEL_GSM8K_RUN, assert_fails_at_start_up_with_one_line, read_steps, run_trainer
 from hicra import hicra_advantages, high_entropy_tokens, semantic_entropy
 
 PROPERTY = settings(max_examples=200, deadline=None)  # no deadline: the machine is shared
@@ -132,7 +132,7 @@ def run_in_process(module, flags, tmp_path):
         patch.setattr(module, "update_policy", recording_update)
         module.main([*SHORT_RUN, *flags, "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
-    return updates, read_metrics(run_dir)
+    return updates, read_steps(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_short_run_logs_hicra_metrics_and_mines_grams(tmp_path):
     assert run_dir.name.startswith("arithmetic__hicra__1__")
     args = json.loads((run_dir / "args.json").read_text())
     assert args["scale_by_std"] is False and args["clip_eps_high"] == 0.28 and args["hicra_alpha"] == 0.2
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     for line in metrics:
         assert 0.05 < line["planning_fraction"] < 0.5  # "first" and "then" in a ~45-token answer
         assert 0.0 <= line["semantic_entropy"] <= math.log(4) + 1e-12  # four grams on this task
@@ -230,7 +230,7 @@ def test_bad_arguments_fail_at_start_up_with_one_line(flags, message, tmp_path):
 def test_two_steps_on_the_real_model_with_the_papers_grams(real_model_dir, tmp_path):
     hicra.main(["--model", str(real_model_dir), *REAL_MODEL_GSM8K_RUN, "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert 0.0 <= m["planning_fraction"] < 1.0 and m["semantic_entropy"] >= 0.0

@@ -11,7 +11,7 @@ import common.model
 from common import UsageError
 from common.model import (
     MODEL_ALIASES,
-    default_dtype,
+    default_precision,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -57,8 +57,8 @@ def test_dtype_override(tiny_dir):
         load_model(str(folder), device="cpu", dtype="fp8")
 
 
-def test_default_dtype_on_cpu():
-    assert default_dtype("cpu") == torch.float32
+def test_default_precision_on_cpu_is_float32():
+    assert default_precision("cpu") == "float32"
 
 
 def test_gradient_checkpointing_keeps_gradients_and_generation(tiny_dir):

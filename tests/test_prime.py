@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import prime
 from common.data import DEFAULT_DATA_DIR
 from common.model import load_model, resolve_model
-from grpo_runs import assert_fails_at_start_up_with_one_line, read_metrics, run_trainer, sampled_tiny_batch
+from grpo_runs import assert_fails_at_start_up_with_one_line, read_steps, run_trainer, sampled_tiny_batch
 from prime import (Args, completion_logprobs, fill_batch, implicit_prm_loss, implicit_process_rewards,
                    leave_one_out_outcome_rewards, leave_one_out_process_rewards, normalise_process_rewards,
                    prime_advantages, prm_accuracy, prm_pairwise_accuracy, prompts_in_band, returns_to_go, update_prm, whiten)
@@ -299,7 +299,7 @@ def test_short_run_logs_prime_metrics_and_checkpoints_the_prm(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("arithmetic__prime__1__")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     for line in metrics:
         assert 0.0 <= line["filter_keep_rate"] <= 1.0 and 1 <= line["filter_draws"] <= 3
         assert line["trained_prompts"] == 4, "4 in-band prompts of 4 x 4 samples are easy to find in three draws"
@@ -325,7 +325,7 @@ def test_a_band_nothing_can_reach_draws_a_bounded_number_of_times_and_trains_not
                          "--accuracy-upper-bound", "0.3", "--max-extra-draws", "2", "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
-    for line in read_metrics(run_dir):
+    for line in read_steps(run_dir):
         assert line["filter_draws"] == 3 and line["trained_prompts"] == 0 and line["filter_keep_rate"] == 0.0
         assert all(line[key] is None for key in PRM_METRICS)
         assert line["skipped_sequences"] == 16 and line["loss"] == 0.0
@@ -362,7 +362,7 @@ def test_two_steps_on_the_real_model_train_the_prm_and_its_checkpoint_reloads(re
                 "--eval-every", "0", "--accuracy-lower-bound", "0", "--accuracy-upper-bound", "1",
                 "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["trained_prompts"] == 2 for m in metrics)
     assert metrics[0]["prm_loss"] == pytest.approx(0.693147, abs=1e-5) and metrics[1]["process_reward_std"] > 0
     assert json.loads((run_dir / "args.json").read_text())["prm_model"] is None
@@ -380,7 +380,7 @@ def test_rows_of_several_draws_keep_the_samplers_logprobs_through_vllm(tmp_path)
                          timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     joined = [m for m in metrics if m["filter_draws"] > 1 and m["trained_prompts"] > 0]
     assert joined, "no step trained on rows joined from two draws"
     assert all(m["sampler_logp_diff"] is not None and m["sampler_logp_diff"] < 1e-4 for m in joined)

@@ -19,7 +19,7 @@ from common.build_tiny import build_tokenizer
 from common.data import DEFAULT_DATA_DIR
 from common.prm import ToyArithmeticPRM, arithmetic_answer, load_discriminative_prm, newline_run_ends, split_into_steps
 import pure
-from grpo_runs import read_metrics, run_trainer
+from grpo_runs import read_steps, run_trainer
 from pure import (leave_one_out_token_baseline, min_form_exact, min_form_softmax, pad_steps, pure_advantages,
                   transform_step_rewards, verifiable_rewards)
 
@@ -463,7 +463,7 @@ def test_short_run_with_the_toy_prm_and_kl_in_the_reward_logs_what_the_prm_saw(t
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("arithmetic__pure__1__")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["steps_per_response"] >= 1 and -1 <= m["prm_min_score"] <= m["prm_step_score"] <= 1
@@ -478,7 +478,7 @@ def test_short_run_with_a_trained_prm_folder_and_the_exact_min_form(tmp_path, ti
                          "--verifiable-fraction", "0", "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert all(key in metrics[-1] for key in PURE_METRICS) and metrics[-1]["verifiable_prompts"] == 0
 
 
@@ -490,7 +490,7 @@ def test_two_steps_on_the_real_model_with_the_tiny_prm(real_model_dir, tiny_prm_
                          "--prm", str(tiny_prm_dir), "--verifiable-fraction", "1", "--runs-dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["eval"]["gsm8k"]["pass@1"] is not None
     assert all(m["steps_per_response"] >= 1 and m["verifiable_prompts"] == 1 for m in metrics)
     assert all(math.isfinite(m["loss"]) for m in metrics)

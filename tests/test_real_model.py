@@ -18,7 +18,7 @@ from common.data import BOXED_INSTRUCTION, DEFAULT_DATA_DIR, load_problems, rend
 from common.model import load_model, load_tokenizer
 from common.rollout import check_context_length, eos_token_ids, generate
 from grpo import Args, completion_logprobs, update_policy
-from grpo_runs import read_metrics, run_grpo
+from grpo_runs import read_metrics, read_steps, run_grpo
 
 SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 SHORT_QUESTION = "What is 2+3? Reply with only the number."
@@ -151,7 +151,7 @@ def test_grpo_trains_on_gsm8k_and_its_checkpoint_reloads_with_the_same_logprobs(
                "--kl-coef", "0.04", "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("gsm8k_train__grpo__1__") and saved["step"] == 2
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["eval"]["gsm8k"]["pass@1"] is not None
     # With a KL term every sequence goes through the training pass, beside a reference model
     # loaded from the same folder; at step 1 policy and reference agree, so the KL is ~0.

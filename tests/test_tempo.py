@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import tempo
 from common.data import DEFAULT_DATA_DIR
-from grpo_runs import read_metrics, run_grpo, run_trainer
+from grpo_runs import read_steps, run_grpo, run_trainer
 from tempo import grpo_advantages, tempo_advantages
 
 PROPERTY = settings(max_examples=100, deadline=None)  # no deadline: the machine is shared
@@ -269,7 +269,7 @@ def test_short_run_logs_the_tree_statistics_beside_every_grpo_metric(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [run_dir] = tmp_path.iterdir()
     assert run_dir.name.startswith("arithmetic__tempo__1__")
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward_mean", "loss", "kl", "clip_fraction", "entropy", "response_length", "truncated_fraction",
                 "skipped_sequences", "time_generate", "time_score", "time_train", "tokens_per_sec", "eval_accuracy",
@@ -286,7 +286,7 @@ def test_td_coef_zero_trains_exactly_as_grpo(tmp_path):
     grpo_run = run_grpo(*SHORT_RUN, "--runs-dir", str(tmp_path / "grpo"))
     assert tempo_run.returncode == 0 and grpo_run.returncode == 0, tempo_run.stderr[-2000:] + grpo_run.stderr[-2000:]
     [tempo_dir], [grpo_dir] = (tmp_path / "tempo").iterdir(), (tmp_path / "grpo").iterdir()
-    for ours, theirs in zip(read_metrics(tempo_dir), read_metrics(grpo_dir), strict=True):
+    for ours, theirs in zip(read_steps(tempo_dir), read_steps(grpo_dir), strict=True):
         for key in ("reward_mean", "loss", "entropy", "skipped_sequences", "eval_accuracy", "response_length"):
             assert ours[key] == theirs[key], key
         assert ours["td_mass_share"] == 0
@@ -309,7 +309,7 @@ def test_two_steps_on_the_real_model_match_the_explicit_trie(real_model_dir, mon
                 "--group-size", "2", "--max-new-tokens", "16", "--learning-rate", "1e-5", "--eval-every", "0",
                 "--runs-dir", str(tmp_path)])
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2] and len(seen) == 2
     for step, (rewards, ids, mask, (advantages, _, branch)) in zip(metrics, seen):
         responses = [[row[:int(length)] for row, length in zip(group, lengths)]

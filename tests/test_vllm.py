@@ -19,7 +19,7 @@ from common.model import load_model, load_tokenizer
 from common.rollout import (TransformersEngine, eos_token_ids, generate, make_rollout_engine, sampler_mismatch,
                             truncated_importance_weights)
 from grpo import clipped_surrogate, completion_logprobs
-from grpo_runs import ROOT, read_metrics, run_grpo, run_trainer
+from grpo_runs import ROOT, read_metrics, read_steps, run_grpo, run_trainer
 
 TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
 QUESTIONS = ("Compute 12+34.", "Compute 99-10+11-40.", "Compute 50-25+13.")  # different lengths: left padding
@@ -182,6 +182,28 @@ def test_an_agents_turns_wake_the_engine_once_and_keep_the_samplers_logprobs(vll
     assert (logp - turns.logprobs)[turns.completion_mask.bool()].abs().max() < 1e-4
 
 
+def test_a_mixed_precision_policy_is_sampled_in_bf16_from_its_fp32_masters(vllm_engine):
+    """bf16-mixed: the trainer keeps fp32 weights and computes in bf16; vLLM gets them cast to bf16 on every
+    sync, and the check's bf16 threshold holds the difference, before and after updates."""
+    policy, tokenizer = load_model("tiny", "cpu", "bf16-mixed"), load_tokenizer("tiny")
+    engine = vllm_engine(policy, tokenizer, "tiny", max_model_len=200, **ENGINE_OPTIONS)
+    assert policy.dtype == torch.float32 and engine.dtype == torch.bfloat16 and engine.threshold == 0.2
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    prompts = prompts_of(tokenizer, group_size=4)
+    differences = []
+    for update in range(4):
+        rollout = engine.generate(prompts, 48, 1.0)
+        mask = rollout.completion_mask.bool()
+        logp = trainer_logprobs(policy, rollout, 1.0)
+        differences.append((logp.detach() - rollout.logprobs)[mask].abs().mean().item())
+        (-(logp * torch.randn(len(prompts), 1) * mask).sum() / mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        engine.sync()
+    assert all(0 < difference < engine.threshold / 2 for difference in differences), differences
+
+
 def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
     """Every sync after start-up skipped, as a broken sleep-mode path would: the check at the next
     batch stops the run, before that step is logged."""
@@ -205,7 +227,7 @@ def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
     assert last.startswith("grpo.py: error: vLLM is not sampling from the policy being trained: its log-probs differ"), last
     assert "weight sync 2 did not reach it" in last
     [run_dir] = tmp_path.iterdir()
-    assert [m["step"] for m in read_metrics(run_dir)] == [1], "step 1 was sampled from the synced start weights"
+    assert [m["step"] for m in read_steps(run_dir)] == [1], "step 1 was sampled from the synced start weights"
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -214,7 +236,7 @@ def test_every_trainer_runs_three_steps_with_vllm(trainer, tmp_path):
                          "--runs-dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
-    metrics = read_metrics(run_dir)
+    metrics = read_steps(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     checked = [m for m in metrics if m["sampler_logp_diff"] is not None]
     assert checked, "no step had a trained sequence to check the sampler against"
