@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import UsageError
+from common import UsageError, distributed
 from common.cli import parse_args
 from common.evaluation import eval_run_name
 from common.model import PRECISIONS, check_training_fits, default_device, load_model, load_tokenizer
@@ -215,11 +215,14 @@ def completion_logprobs(model, input_ids, attention_mask, completion_length, tem
 
 @torch.no_grad()
 def frozen_logprobs(model, batch, args):
-    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients."""
-    return torch.cat([completion_logprobs(model, batch["input_ids"][start:start + args.micro_batch_size],
-                                          batch["attention_mask"][start:start + args.micro_batch_size],
-                                          batch["mask"].shape[1], args.temperature)[0]
-                      for start in range(0, batch["mask"].shape[0], args.micro_batch_size)])
+    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients.
+
+    Under torchrun each rank scores its share of the rows, and every rank receives all of them.
+    """
+    rows = torch.arange(batch["mask"].shape[0])
+    own = [completion_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"].shape[1],
+                               args.temperature)[0] for idx in distributed.micro_batches(rows, args.micro_batch_size)]
+    return distributed.gather_rows(torch.cat(own), rows)
 
 
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
@@ -227,11 +230,11 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
 
     `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
     whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
-    are left out. Returns summed statistics.
+    are left out. Under torchrun each rank runs its share of `indices` and the ranks' gradients
+    are summed. Returns this rank's summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
-    for start in range(0, len(indices), args.micro_batch_size):
-        idx = indices[start:start + args.micro_batch_size]
+    for idx in distributed.micro_batches(indices, args.micro_batch_size):
         mask = batch["mask"][idx]
         logp, entropy = completion_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx],
                                             mask.shape[1], args.temperature)
@@ -282,6 +285,8 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             totals = {key: totals[key] + stats[key] for key in totals}
     policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
+    # Under torchrun the ranks agree again: statistics summed, and pi_old from the rank that computed each row.
+    totals, old_logp = distributed.sum_over_ranks(totals), distributed.merge_rows(old_logp, trained)
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
@@ -294,7 +299,7 @@ def main(argv=None):
         args = parse_args(Args, argv, __doc__)
         check_args(args)
         tracker = import_tracker(args.tracker) if args.track else None
-        device = args.device or default_device()
+        device = distributed.start(args.device or default_device())  # under torchrun: this rank's device
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
         # ALGO LOGIC: the training problems and the held-out sets.
@@ -334,7 +339,7 @@ def main(argv=None):
         trained_models, frozen_models = [policy], [ref_model]
         # ALGO LOGIC END
         check_training_fits(trained_models, frozen_models, args.learning_rate, engine)
-        start_step = restore_checkpoint(checkpoint, checkpointed) if checkpoint else 0
+        start_step = restore_checkpoint(checkpoint, policy, checkpointed) if checkpoint else 0
         run_dir = Path(args.resume) if checkpoint else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed)
         run_log = RunLog(run_dir, args, start_step if checkpoint else None, tracker, args.track_project)
     except UsageError as error:
@@ -349,7 +354,8 @@ def main(argv=None):
         run_log.log({"step": 0, "eval_accuracy": eval_accuracy, "eval": eval_results})
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+                    disable=not distributed.is_main())
     for step in progress:
         step_start = time.time()
         # ALGO LOGIC: sample G responses to each prompt, then score each with the verifier (reward 1 or 0).
@@ -408,3 +414,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    distributed.close()  # under torchrun: once every rank is done

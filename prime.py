@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import UsageError
+from common import UsageError, distributed
 from common.cli import parse_args
 from common.evaluation import eval_run_name
 from common.model import PRECISIONS, check_training_fits, default_device, load_model, load_tokenizer
@@ -348,11 +348,14 @@ def completion_logprobs(model, input_ids, attention_mask, completion_length, tem
 
 @torch.no_grad()
 def frozen_logprobs(model, batch, args):
-    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients."""
-    return torch.cat([completion_logprobs(model, batch["input_ids"][start:start + args.micro_batch_size],
-                                          batch["attention_mask"][start:start + args.micro_batch_size],
-                                          batch["mask"].shape[1], args.temperature)[0]
-                      for start in range(0, batch["mask"].shape[0], args.micro_batch_size)])
+    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients.
+
+    Under torchrun each rank scores its share of the rows, and every rank receives all of them.
+    """
+    rows = torch.arange(batch["mask"].shape[0])
+    own = [completion_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"].shape[1],
+                               args.temperature)[0] for idx in distributed.micro_batches(rows, args.micro_batch_size)]
+    return distributed.gather_rows(torch.cat(own), rows)
 
 
 def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
@@ -360,11 +363,11 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
 
     `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
     whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
-    are left out. Returns summed statistics.
+    are left out. Under torchrun each rank runs its share of `indices` and the ranks' gradients
+    are summed. Returns this rank's summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
-    for start in range(0, len(indices), args.micro_batch_size):
-        idx = indices[start:start + args.micro_batch_size]
+    for idx in distributed.micro_batches(indices, args.micro_batch_size):
         mask = batch["mask"][idx]
         logp, entropy = completion_logprobs(policy, batch["input_ids"][idx], batch["attention_mask"][idx],
                                             mask.shape[1], args.temperature)
@@ -415,6 +418,8 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
             totals = {key: totals[key] + stats[key] for key in totals}
     policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
     scheduler.step()
+    # Under torchrun the ranks agree again: statistics summed, and pi_old from the rank that computed each row.
+    totals, old_logp = distributed.sum_over_ranks(totals), distributed.merge_rows(old_logp, trained)
     updates = args.num_epochs * args.num_minibatches
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
@@ -482,13 +487,15 @@ def update_prm(prm, prm_reference, prm_optimizer, prm_scheduler, batch, outcomes
     temperature 1: the PRM and reference score the tokens as language models, not as the sampler.
     """
     size, width = batch["mask"].shape
-    micro_batches = [slice(start, start + args.micro_batch_size) for start in range(0, size, args.micro_batch_size)]
+    all_rows = torch.arange(size)
+    micro_batches = distributed.micro_batches(all_rows, args.micro_batch_size)  # under torchrun: this rank's share
 
     def token_logprobs(model, rows):
         return completion_logprobs(model, batch["input_ids"][rows], batch["attention_mask"][rows], width, 1.0)[0]
 
     with torch.no_grad():
-        ref_logp = torch.cat([token_logprobs(prm_reference, rows) for rows in micro_batches])  # [B, C]
+        ref_logp = distributed.gather_rows(torch.cat([token_logprobs(prm_reference, rows) for rows in micro_batches]),
+                                           all_rows)  # [B, C]
     prm_optimizer.zero_grad(set_to_none=True)
     q_before, loss_total = [], 0.0
     for rows in micro_batches:
@@ -497,7 +504,8 @@ def update_prm(prm, prm_reference, prm_optimizer, prm_scheduler, batch, outcomes
         loss.backward()
         loss_total += loss.item()
         q_before.append(q.detach())
-    q_before = torch.cat(q_before)
+    q_before = distributed.gather_rows(torch.cat(q_before), all_rows)
+    loss_total = distributed.sum_over_ranks({"loss": loss_total})["loss"]
     grad_norm = torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
     prm_optimizer.step()
     prm_scheduler.step()
@@ -505,8 +513,9 @@ def update_prm(prm, prm_reference, prm_optimizer, prm_scheduler, batch, outcomes
     q_rewards = q_before
     if args.prm_order == "update-then-reward":
         with torch.no_grad():
-            q_rewards = torch.cat([implicit_process_rewards(token_logprobs(prm, rows), ref_logp[rows], batch["mask"][rows])
-                                   for rows in micro_batches])
+            q_rewards = distributed.gather_rows(torch.cat([
+                implicit_process_rewards(token_logprobs(prm, rows), ref_logp[rows], batch["mask"][rows])
+                for rows in micro_batches]), all_rows)
     rewards = args.prm_beta * q_rewards[batch["mask"].bool()]  # the paper's r_t = beta * q_t
     return q_rewards, {"prm_loss": loss_total, "prm_accuracy": prm_accuracy(q_before, batch["mask"], outcomes, args.prm_beta),
                        "prm_pairwise_accuracy": prm_pairwise_accuracy(q_before, batch["mask"], outcomes, args.group_size),
@@ -520,7 +529,7 @@ def main(argv=None):
         args = parse_args(Args, argv, __doc__)
         check_args(args)
         tracker = import_tracker(args.tracker) if args.track else None
-        device = args.device or default_device()
+        device = distributed.start(args.device or default_device())  # under torchrun: this rank's device
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
         # ALGO LOGIC: the training problems and the held-out sets. The filter's extra prompts come from a second
@@ -581,7 +590,7 @@ def main(argv=None):
         trained_models, frozen_models = [policy, prm], [ref_model, prm_reference]
         # ALGO LOGIC END
         check_training_fits(trained_models, frozen_models, args.learning_rate, engine)
-        start_step = restore_checkpoint(checkpoint, checkpointed) if checkpoint else 0
+        start_step = restore_checkpoint(checkpoint, policy, checkpointed) if checkpoint else 0
         run_dir = Path(args.resume) if checkpoint else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed)
         run_log = RunLog(run_dir, args, start_step if checkpoint else None, tracker, args.track_project)
     except UsageError as error:
@@ -596,7 +605,8 @@ def main(argv=None):
         run_log.log({"step": 0, "eval_accuracy": eval_accuracy, "eval": eval_results})
     batch_size = args.num_prompts * args.group_size
     started, history = time.time(), []
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+                    disable=not distributed.is_main())
     for step in progress:
         step_start = time.time()
         # ALGO LOGIC: sample G responses to each prompt, verify them, and filter (sample_filtered): a batch of
@@ -677,3 +687,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    distributed.close()  # under torchrun: once every rank is done

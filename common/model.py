@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import UsageError
+from common import UsageError, distributed
 
 # Models that the implemented papers (GRPO, Dr. GRPO, HICRA, PRIME, PURE, TEMPO, GiGPO) train.
 MODEL_ALIASES: dict[str, str] = {
@@ -142,6 +142,10 @@ def load_model(
     Eval mode is right for rollouts and for a frozen reference model. The trainer switches the
     policy to train() around its loss: gradient checkpointing only runs in train mode, and in train
     mode it also drops the KV cache, which generate() needs.
+
+    Under torchrun the model comes back sharded over the ranks (common.distributed.shard), loaded
+    on the CPU first so that no GPU ever holds all of it; bf16-mixed is then FSDP2's mixed-precision
+    policy instead of autocast (fp32 shards, their gradients and AdamW states; bf16 compute).
     """
     device = device or default_device()
     precision = default_precision(device) if dtype is None else dtype
@@ -153,9 +157,15 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise UsageError(_cannot_load("model", name, source, err)) from err
-    model.to(device)
-    if precision == "bf16-mixed" and not frozen:
+    mixed = precision == "bf16-mixed" and not frozen
+    if distributed.is_distributed():
+        # Under torchrun, bf16-mixed is FSDP2's mixed precision: each layer's fp32 shards are gathered in bf16.
+        model = distributed.shard(model, device, torch.bfloat16 if mixed else None)
+    else:
+        model.to(device)
+    if mixed:
         model.autocast_dtype = torch.bfloat16
+    if mixed and not distributed.is_distributed():
         # Every forward, in training and inside generate(), computes in bf16; parameters and gradients stay fp32.
         model.forward = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
     if frozen:
@@ -217,15 +227,17 @@ def check_training_fits(trained: list, frozen: list, learning_rate: float, engin
     state_bytes = sum(4 * p.numel() * p.element_size() for model in trained for p in model.parameters())
     frozen = {id(model): model for model in frozen if model is not None}.values()  # a model shared by two roles counts once
     frozen_bytes = sum(p.numel() * p.element_size() for model in frozen for p in model.parameters())
-    available = memory * (1 - engine.training_gpu_share)
+    gpus = distributed.world_size()  # under torchrun every model is sharded over all the ranks' GPUs
+    available = gpus * memory * (1 - engine.training_gpu_share)
     if state_bytes + frozen_bytes > 0.9 * available:  # a tenth at least for activations and the log-softmax
         gib = 2 ** 30
         held = f", after vLLM's {engine.training_gpu_share:.0%} (no sleep mode)" if engine.training_gpu_share else ""
+        whose = "the GPU's" if gpus == 1 else f"the {gpus} GPUs'"
         raise UsageError(
             f"training needs about {(state_bytes + frozen_bytes) / gib:.1f} GiB before activations "
             f"({trained_parameters / 1e9:.2f}B trained parameters x {state_bytes // max(trained_parameters, 1)} bytes: "
             f"weights, gradients and AdamW's two moments; {frozen_bytes / gib:.1f} GiB of frozen models), more than 90% "
-            f"of the GPU's {available / gib:.1f} GiB{held}; use more GPUs (torchrun, docs/real-models.md), a smaller "
+            f"of {whose} {available / gib:.1f} GiB{held}; use more GPUs (torchrun, docs/real-models.md), a smaller "
             "model, or --dtype bfloat16 (8 bytes per parameter, but updates below bf16's resolution are lost)")
 
 

@@ -4,16 +4,18 @@ A trainer builds one engine at start-up with `make_rollout_engine` and calls its
 `TransformersEngine` samples from the policy itself with `transformers` generate;
 `common.vllm_engine.VLLMEngine` samples from a vLLM engine in the same process, which receives
 the policy's weights after every update and is checked on every batch. Both return the same
-`Rollout`.
+`Rollout`. Under torchrun `make_rollout_engine` wraps either in `RolloutsShared`: each rank samples
+its share of the prompts and every rank receives the whole batch.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-from common import UsageError
+from common import UsageError, distributed
 from common.data import render_prompt
 
 ROLLOUT_ENGINES: tuple[str, ...] = ("auto", "hf", "vllm")
@@ -109,11 +111,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    output = model.generate(
-        **encoded, max_new_tokens=max_new_tokens, do_sample=not greedy, **sampling,
-        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True, output_logits=return_logprobs,
-    )
+    # A sharded model (torchrun) keeps its weights gathered for the whole generation, and with several
+    # ranks every rank runs forward passes until all are done (synced_gpus): ranks whose responses
+    # end sooner would otherwise leave the others waiting in a collective.
+    with distributed.unsharded(model):
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=not greedy, **sampling,
+            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True, output_logits=return_logprobs,
+            synced_gpus=distributed.world_size() > 1,
+        )
     model.train(was_training)
     prompt_length = encoded["input_ids"].shape[1]
     completion_ids = output.sequences[:, prompt_length:]  # [B, C]
@@ -230,6 +237,46 @@ class TransformersEngine:
         return contextlib.nullcontext()
 
 
+class RolloutsShared:
+    """An engine under torchrun: each rank samples a contiguous share of the prompts (with its own
+    random generator), and every rank receives the whole batch, in order. Everything else (the check
+    and sync after an update, `awake`, `policy`, `tokenizer`) is the wrapped engine's."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+                 greedy: bool = False) -> Rollout:
+        own = prompts[distributed.row_block(len(prompts))]
+        # Greedy decoding draws no random number: the main generator is left alone, as with one process
+        # (so that a resumed run, which evaluates first, continues exactly).
+        with contextlib.nullcontext() if greedy else distributed.sampling_rng():
+            # A rank with no prompt samples one it then drops: generate's collectives need every rank.
+            rollout = self.engine.generate(own or prompts[:1], max_new_tokens, temperature, greedy)
+        if not own:
+            rollout = select_rollout(rollout, [])
+        device = rollout.prompt_ids.device
+        pieces = distributed.gather_objects(_rollout_to(rollout, torch.device("cpu")))
+        return _rollout_to(concat_rollouts(pieces, self.engine.tokenizer.pad_token_id), device)
+
+
+def shared_by_ranks(engine):
+    """`engine` itself, or under torchrun `engine` wrapped in RolloutsShared."""
+    if not distributed.is_distributed():
+        return engine
+    distributed.agree_on_random_state()  # in case the engine seeded the main generator with its own seed
+    return RolloutsShared(engine)
+
+
+def _rollout_to(rollout: Rollout, device: torch.device) -> Rollout:
+    return dataclasses.replace(rollout, **{field.name: getattr(rollout, field.name).to(device)
+                                           for field in dataclasses.fields(rollout)
+                                           if isinstance(getattr(rollout, field.name), torch.Tensor)})
+
+
 def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_model_len: int, batch_size: int,
                         seed: int, gpu_memory_utilization: float, sleep_mode: bool | None,
                         check_threshold: float | None, importance_sampling: bool, trust_remote_code: bool = False):
@@ -240,6 +287,7 @@ def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_
     run the vLLM path on). The vLLM options (context `max_model_len`, rollout `batch_size`,
     memory, sleep mode, the check's threshold) are described in `common.vllm_engine.VLLMEngine`.
     Raises a one-line UsageError when vLLM is asked for and missing, or an option does not fit.
+    Under torchrun the engine is wrapped in `RolloutsShared` (each rank with its own vLLM engine).
     """
     device = next(policy.parameters()).device
     vllm_installed = importlib.util.find_spec("vllm") is not None
@@ -251,17 +299,19 @@ def make_rollout_engine(kind: str, policy, tokenizer, model_source: str, *, max_
                              "(auto picks it without CUDA) the sampler is the policy itself")
         if sleep_mode:
             raise UsageError("--vllm-sleep-mode needs --rollout vllm")
-        return TransformersEngine(policy, tokenizer)
+        return shared_by_ranks(TransformersEngine(policy, tokenizer))
     if not vllm_installed:
         raise UsageError("--rollout vllm needs vLLM: pip install -r requirements-vllm.txt (docs/vllm.md)")
     if sleep_mode and device.type != "cuda":
         raise UsageError("--vllm-sleep-mode needs a CUDA GPU: vLLM's CPU backend cannot sleep")
-    if device.type == "cuda" and device.index not in (None, 0):
+    if device.type == "cuda" and device.index not in (None, 0) and not distributed.is_distributed():
         raise UsageError(f"with --rollout vllm the policy must be on the first visible GPU, not {device}; "
                          "choose the GPU with CUDA_VISIBLE_DEVICES instead of --device")
     if not 0 < gpu_memory_utilization < 1:
         raise UsageError(f"--vllm-gpu-memory-utilization must be between 0 and 1 (got {gpu_memory_utilization})")
     from common.vllm_engine import VLLMEngine  # imported only when used: vLLM takes seconds to import
-    return VLLMEngine(policy, tokenizer, model_source, max_model_len=max_model_len, batch_size=batch_size, seed=seed,
-                      gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
-                      check_threshold=check_threshold, trust_remote_code=trust_remote_code)
+    engine = VLLMEngine(policy, tokenizer, model_source, max_model_len=max_model_len, batch_size=batch_size,
+                        seed=seed + distributed.rank(),  # under torchrun each rank's engine samples its own responses
+                        gpu_memory_utilization=gpu_memory_utilization, sleep_mode=sleep_mode,
+                        check_threshold=check_threshold, trust_remote_code=trust_remote_code)
+    return shared_by_ranks(engine)

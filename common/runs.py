@@ -5,9 +5,12 @@ A run lives in `runs/{task}__{method}__{seed}__{timestamp}/`:
     args.json          the arguments, so that --resume can continue with them
     metrics.jsonl      one JSON line per step
     checkpoints/step_N the model (safetensors) and tokenizer, other models in subfolders, and
-                       trainer_state.pt: optimizer, scheduler, RNG states and step
+                       trainer_state.pt: optimizer, scheduler, RNG states and step; under torchrun
+                       the optimizer states are in optimizers/ instead (torch.distributed.checkpoint:
+                       one shard per rank), and the models' weights are gathered from their shards
 
-Nothing here knows a method: a trainer passes in what it has.
+Nothing here knows a method: a trainer passes in what it has. Under torchrun rank 0 alone writes the
+log and the files; every rank takes part in a checkpoint.
 """
 
 import dataclasses
@@ -21,15 +24,16 @@ from pathlib import Path
 
 import torch
 
-from common import UsageError
+from common import UsageError, distributed
 from common.evaluation import format_pass_at_1
 
 TRACKERS = ("trackio", "wandb")
+OPTIMIZER_STATES = "optimizers"  # a checkpoint's folder of optimizer states written by every rank (torchrun)
 
 
 def new_run_dir(runs_dir: str, task: str, method: str, seed: int) -> Path:
     """The name of a new run folder (not yet created), CleanRL style: {task}__{method}__{seed}__{time}."""
-    return Path(runs_dir) / f"{task}__{method}__{seed}__{int(time.time())}"
+    return Path(runs_dir) / f"{task}__{method}__{seed}__{distributed.agree(int(time.time()))}"
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
@@ -61,7 +65,9 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, args, resume_step: int | None = None, tracker=None, project: str = "cleancredit"):
-        self.run_dir = run_dir
+        self.run_dir, self.writes = run_dir, distributed.is_main()
+        if not self.writes:  # under torchrun, ranks other than 0 log nothing
+            return
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / "metrics.jsonl"
         if resume_step is not None and metrics_path.is_file():
@@ -80,6 +86,8 @@ class RunLog:
         self.file = metrics_path.open("a")
 
     def log(self, metrics: dict):
+        if not self.writes:
+            return
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         if self.tracker is not None:
@@ -87,6 +95,8 @@ class RunLog:
                              step=metrics["step"])
 
     def close(self):
+        if not self.writes:
+            return
         self.file.close()
         if self.tracker is not None:
             self.tracker.finish()
@@ -103,21 +113,74 @@ def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict, ke
     """
     checkpoints = run_dir / "checkpoints"
     final, partial = checkpoints / f"step_{step}", checkpoints / f"partial_step_{step}"
+    if distributed.is_distributed():
+        return _save_checkpoint_of_ranks(checkpoints, final, partial, step, policy, tokenizer, state, keep)
     shutil.rmtree(partial, ignore_errors=True)
     policy.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    trainer_state = {"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    trainer_state = _random_states(step)
     for name, item in state.items():
         if hasattr(item, "save_pretrained"):
             item.save_pretrained(partial / name, safe_serialization=True)
         else:
             trainer_state[name] = item.state_dict()
     torch.save(trainer_state, partial / "trainer_state.pt")
+    _publish(checkpoints, final, partial, keep)
+
+
+def _random_states(step: int) -> dict:
+    return {"step": step, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _publish(checkpoints: Path, final: Path, partial: Path, keep: int):
+    """The complete `partial` folder becomes `final` in one rename; then only the newest `keep` stay."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     for old in sorted(checkpoints.glob("step_*"), key=lambda p: int(p.name[5:]))[:-keep]:
         shutil.rmtree(old)
+
+
+def _save_checkpoint_of_ranks(checkpoints: Path, final: Path, partial: Path, step: int, policy, tokenizer, state: dict,
+                              keep: int):
+    """save_checkpoint under torchrun: the same folder, with the optimizer states in optimizers/.
+
+    Each model's weights are gathered from their shards to rank 0, which writes them as safetensors
+    (fp32 masters: resume is exact, and the folder is what from_pretrained and vLLM load, at any
+    world size); every rank writes its shard of the optimizer states (torch.distributed.checkpoint),
+    keyed by parameter names, so they load back re-sharded. Rank 0 writes the rest and publishes the
+    folder once every rank has written.
+    """
+    if distributed.is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()
+    models = _models(policy, state)
+    for name, model in models.items():
+        weights = distributed.full_state_dict(model)  # every rank takes part; rank 0 receives them
+        if distributed.is_main():
+            model.save_pretrained(partial / name, state_dict=weights, safe_serialization=True)
+    distributed.save_optimizer_states(partial / OPTIMIZER_STATES, _optimizers_with_models(models, state))
+    if distributed.is_main():
+        tokenizer.save_pretrained(partial)
+        others = {name: item.state_dict() for name, item in state.items()
+                  if not hasattr(item, "save_pretrained") and not isinstance(item, torch.optim.Optimizer)}
+        torch.save({**_random_states(step), **others}, partial / "trainer_state.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        _publish(checkpoints, final, partial, keep)
+    distributed.barrier()
+
+
+def _models(policy, state: dict) -> dict:
+    """{folder name: model} of a checkpoint: the policy in the checkpoint's own folder, the others in subfolders."""
+    return {"": policy, **{name: item for name, item in state.items() if hasattr(item, "save_pretrained")}}
+
+
+def _optimizers_with_models(models: dict, state: dict) -> dict:
+    """{name: (model, optimizer)} for every optimizer in `state`, each with the model whose parameters it updates."""
+    owner = {id(parameter): model for model in models.values() for parameter in model.parameters()}
+    return {name: (owner[id(item.param_groups[0]["params"][0])], item) for name, item in state.items()
+            if isinstance(item, torch.optim.Optimizer)}
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -128,15 +191,24 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def restore_checkpoint(checkpoint: Path, state: dict) -> int:
+def restore_checkpoint(checkpoint: Path, policy, state: dict) -> int:
     """Load trainer_state.pt into the objects of `state` (as passed to save_checkpoint; models are
     skipped, the trainer loads them from their folders) and restore the RNG states. Returns the step.
 
+    A checkpoint written under torchrun holds its optimizer states in optimizers/, which load into
+    `policy`'s and the other models' optimizers at any number of ranks (plain python included).
     weights_only: a checkpoint is data, and unpickling arbitrary objects could run code.
     """
     trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    sharded_optimizers = (checkpoint / OPTIMIZER_STATES).is_dir()
+    if sharded_optimizers:
+        optimizers = _optimizers_with_models(_models(policy, state), state)
+        distributed.load_optimizer_states(checkpoint / OPTIMIZER_STATES, optimizers)
+    elif distributed.is_distributed():
+        raise UsageError(f"--resume: {checkpoint} was written by plain python; resume it with python, not torchrun")
     for name, item in state.items():
-        if not hasattr(item, "save_pretrained"):
+        loaded = hasattr(item, "save_pretrained") or (sharded_optimizers and isinstance(item, torch.optim.Optimizer))
+        if not loaded:
             item.load_state_dict(trainer_state[name])
     random.setstate(trainer_state["python_rng"])
     torch.set_rng_state(trainer_state["torch_rng"])

@@ -1,6 +1,7 @@
 """Rollouts from vLLM, in the trainer's own process, given the policy's weights after every update.
 
-The engine lives beside the trainer (one process, one GPU or the CPU) and gets the policy's
+The engine lives beside the trainer (one process, one GPU or the CPU; under torchrun, one engine per
+rank on the rank's own GPU, filled with the weights gathered from the shards) and gets the policy's
 weights through vLLM's in-place `reload_weights`, called through `collective_rpc`: it works
 in-process on GPU and CPU alike (vLLM's weight-transfer backends do not run on its CPU build), and
 the tensors pass by reference, with no serialisation and no file. The engine starts with dummy
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from common import distributed
 from common.model import compute_dtype, resolve_model
 from common.rollout import Rollout, completion_mask_and_truncation, decode_completions, eos_token_ids, sampler_mismatch
 
@@ -83,6 +85,9 @@ class VLLMEngine:
         else:  # eager: vLLM's CPU compile (torch inductor) took 5 minutes here, against 3 s to start eager
             memory = {"kv_cache_memory_bytes": cpu_kv_cache_bytes(policy.config, self.dtype, max_model_len, batch_size),
                       "enforce_eager": True}
+        if distributed.is_distributed():  # one engine per rank, in this process, beside torchrun's process group
+            memory["distributed_executor_backend"] = "external_launcher"
+            distributed.before_close(lambda: self.llm.llm_engine.engine_core.shutdown())
         self.llm = LLM(
             model=resolve_model(model_source), dtype=self.dtype, seed=seed, max_model_len=max_model_len,
             load_format="dummy",  # the weights come from the policy, by the same sync as after every update
@@ -107,7 +112,8 @@ class VLLMEngine:
         if self.asleep:
             torch.cuda.empty_cache()  # hand the trainer's cached free blocks back, for vLLM to map
             self.llm.wake_up(tags=["weights"])  # weights first, so loading them never meets a full KV cache
-        weights = ((name, tensor.detach().to(self.dtype)) for name, tensor in self.policy.named_parameters(remove_duplicate=False))
+        # Under torchrun each weight is gathered from the shards in turn, on every rank (common.distributed).
+        weights = ((name, tensor.to(self.dtype)) for name, tensor in distributed.full_weights(self.policy))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         if self.asleep:
             if not self.llm.wake_up(tags=["kv_cache"]):
@@ -193,11 +199,13 @@ class VLLMEngine:
         metrics = sampler_mismatch(trainer_logprobs, rollout.logprobs, rollout.completion_mask)
         if metrics["sampler_logp_diff"] is not None and metrics["sampler_logp_diff"] > self.threshold:
             program = Path(sys.argv[0]).name  # as argparse names it: "grpo.py"
-            sys.exit(f"{program}: error: vLLM is not sampling from the policy being trained: its log-probs differ from "
-                     f"the trainer's by {metrics['sampler_logp_diff']:.4g} nats per token on average (threshold "
-                     f"{self.threshold:g} for {str(self.dtype).removeprefix('torch.')}; ratios "
-                     f"{metrics['sampler_ratio_min']:.3g} to {metrics['sampler_ratio_max']:.3g}), so weight sync "
-                     f"{self.syncs} did not reach it; --rollout hf trains without vLLM")
+            # Under torchrun every rank checks the whole batch (all ranks' samples), so all stop here together.
+            distributed.stop(
+                f"{program}: error: vLLM is not sampling from the policy being trained: its log-probs differ from "
+                f"the trainer's by {metrics['sampler_logp_diff']:.4g} nats per token on average (threshold "
+                f"{self.threshold:g} for {str(self.dtype).removeprefix('torch.')}; ratios "
+                f"{metrics['sampler_ratio_min']:.3g} to {metrics['sampler_ratio_max']:.3g}), so weight sync "
+                f"{self.syncs} did not reach it; --rollout hf trains without vLLM")
         started = time.time()
         self.sync()
         return {**metrics, "time_sync": time.time() - started}

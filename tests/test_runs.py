@@ -103,7 +103,7 @@ def test_checkpoint_holds_extra_models_and_states_and_restores_them(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), reward_model.parameters()))
     fresh = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, model in
              (("optimizer", policy), ("reward_optimizer", reward_model))}
-    assert restore_checkpoint(checkpoint, {**fresh, "reward_model": reward_model}) == 3
+    assert restore_checkpoint(checkpoint, policy, {**fresh, "reward_model": reward_model}) == 3
     for name in fresh:
         restored, original = fresh[name].state_dict()["state"], optimizers[name].state_dict()["state"]
         assert all(torch.equal(restored[k]["exp_avg"], original[k]["exp_avg"]) for k in original)
