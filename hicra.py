@@ -16,30 +16,31 @@ out (a second model, and settings the paper does not give), so its output is a l
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from common import UsageError, distributed
-from common.cli import parse_args
+from common.cli import arg, parse_args
 from common.evaluation import eval_run_name
 from common.model import PRECISIONS, check_training_fits, default_device, load_model, load_tokenizer
 from common.rollout import ROLLOUT_ENGINES, check_prompts_fit, make_rollout_engine, truncated_importance_weights
 from common.runs import (TRACKERS, RunLog, import_tracker, latest_checkpoint, new_run_dir, print_summary,
                          restore_checkpoint, save_checkpoint)
-# ALGO LOGIC: the task: math problems from data sets, scored by math-verify, evaluated by pass@k.
+# SLOT: the task: math problems from data sets, scored by math-verify, evaluated by pass@k.
 from common.data import PROMPT_TEMPLATES, ProblemStream, load_eval_problems, render_prompt
 from common.evaluation import Evaluator
 from common.verify import score_batch
-# ALGO LOGIC END
-# ALGO LOGIC: HICRA finds its phrases in the response text and marks the sampled tokens that wrote them.
+# SLOT END
+# SLOT: HICRA finds its phrases in the response text and marks the sampled tokens that wrote them.
 import math
 
 from common.data import ARITHMETIC
 from common.phrases import NgramDocumentFrequency, index_phrases, load_phrases, phrase_token_mask
-# ALGO LOGIC END
+from common.runs import trend
+# SLOT END
 
 METHOD = Path(__file__).stem  # run folders and messages are named after the file
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -48,59 +49,78 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", 
 
 @dataclass
 class Args:
-    seed: int = field(default=1, metadata={"help": "seed of sampling, data order and initialisation"})
-    model: str = field(default="tiny", metadata={"help": "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'"})
-    dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set"})
-    eval_dataset: str = field(default="arithmetic", metadata={"help": "held-out sets, comma-separated: arithmetic, math500, aime24, amc23, gsm8k, a file or a hub data set"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with local copies of the named benchmarks (default: this repository's data/)"})
-    prompt_key: str | None = field(default=None, metadata={"help": "field holding the question (default: question/problem/prompt)"})
-    answer_key: str | None = field(default=None, metadata={"help": "field holding the answer (default: answer, else solution's \\boxed{})"})
-    template: str = field(default="chat", metadata={"help": "prompt template: the tokenizer's chat template, the same with a \\boxed{} system prompt, or plain text for base models", "choices": PROMPT_TEMPLATES})
-    total_steps: int = field(default=80, metadata={"help": "policy update steps (one batch of rollouts each)", "min": 1})
-    num_prompts: int = field(default=16, metadata={"help": "prompts per step", "min": 1})
-    group_size: int = field(default=8, metadata={"help": "G: sampled responses per prompt"})
-    max_new_tokens: int = field(default=96, metadata={"help": "longest response, in tokens", "min": 1})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up, then constant"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    num_epochs: int = field(default=1, metadata={"help": "passes over each batch of rollouts (PPO epochs)", "min": 1})
-    num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass over a batch", "min": 1})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)", "min": 1})
-    scale_by_std: bool = field(default=False, metadata={"help": "divide advantages by the group std (off: Dr.GRPO, HICRA's base)"})
-    advantage_eps: float = field(default=1e-6, metadata={"help": "added to the group std (verl 1e-6, TRL 1e-4)"})
-    clip_eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio"})
-    clip_eps_high: float = field(default=0.28, metadata={"help": "upper clip range of the ratio (DAPO clip-higher, HICRA's base: 0.28)"})
-    dual_clip: float | None = field(default=None, metadata={"help": "dual-clip bound c for negative advantages (verl: 3; default: off)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "beta of the KL-to-reference loss (DeepSeekMath 0.04); 0 loads no reference"})
-    kl_estimator: str = field(default="k3", metadata={"help": "estimator of the KL per token", "choices": KL_ESTIMATORS})
-    loss_aggregation: str = field(default="token-mean", metadata={"help": "how token losses are averaged (see aggregate_loss)", "choices": LOSS_AGGREGATIONS})
-    hicra_alpha: float = field(default=0.2, metadata={"help": "alpha: planning tokens get A + alpha |A| (the paper: 0.2; 0: GRPO)"})
-    strategic_grams: str | None = field(default=None, metadata={"help": "file of phrases marking planning tokens, one a line (default: chosen per task, see above)"})
-    mine_grams: str | None = field(default=None, metadata={"help": "file to write the 249 3-5-word n-grams in most correct responses to, at the end"})
-    third_party_entropy_variant: bool = field(default=False, metadata={"help": "NOT the paper's rule (a third-party port's): also amplify the top 30%% entropy tokens of correct responses longer than their group's mean"})
-    shuffle_rewards: bool = field(default=False, metadata={"help": "control: permute rewards within the batch"})
-    eval_every: int = field(default=20, metadata={"help": "steps between held-out evaluations (0: only before and after)"})
-    eval_size: int = field(default=0, metadata={"help": "held-out problems evaluated per set (0: all)", "min": 0})
-    eval_samples: int = field(default=0, metadata={"help": "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)", "min": 0})
-    eval_only: bool = field(default=False, metadata={"help": "only evaluate --model on --eval-dataset, then exit"})
-    eval_batch_size: int = field(default=250, metadata={"help": "prompts per evaluation generate call"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
-    resume: str | None = field(default=None, metadata={"help": "run folder to continue from its last checkpoint"})
-    runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "bf16-mixed: fp32 master weights, bf16 compute; bfloat16: bf16 weights and AdamW states, which lose small updates; fp16 would need loss scaling and is not offered (default: bf16-mixed on a GPU with bf16, else float32)", "choices": PRECISIONS})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory (default: on with CUDA, off on CPU)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow a hub model's own code to run (off: safer)"})
-    rollout: str = field(default="auto", metadata={"help": "who samples: vLLM in this process, or transformers generate (auto: vLLM when CUDA and vLLM are present)", "choices": ROLLOUT_ENGINES})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of the GPU vLLM holds while it samples: its weights, activations and KV cache"})
-    vllm_sleep_mode: bool | None = field(default=None, metadata={"help": "vLLM frees its GPU memory while the trainer trains, and is re-synced on waking (default: on with CUDA)"})
-    sync_check_threshold: float | None = field(default=None, metadata={"help": "stop when vLLM's log-probs differ from the trainer's by more, in nats per token (default: 1e-3 in float32, 0.2 in bfloat16)"})
-    tis_cap: float | None = field(default=None, metadata={"help": "C: weigh each token by min(pi_trainer / pi_vllm, C), truncated importance sampling (TRL: 2-3; default: off, as verl)"})
-    track: bool = field(default=False, metadata={"help": "also send every metrics line to an experiment tracker"})
-    tracker: str = field(default="trackio", metadata={"help": "trackio (local, offline) or wandb", "choices": TRACKERS})
-    track_project: str = field(default="cleancredit", metadata={"help": "the tracker's project; the run is named after the run folder"})
+    # The task: the model, its training data and held-out sets.
+    seed: int = arg(1, "seed of sampling, data order and initialisation")
+    model: str = arg("tiny", "alias (Qwen2.5-Math-7B), hub id, local folder, or 'tiny'")
+    dataset: str = arg("arithmetic", "'arithmetic' (built-in), a .jsonl/.parquet file or a hub data set")
+    eval_dataset: str = arg("arithmetic", "held-out sets, comma-separated (math500, aime24, amc23, gsm8k, a file...)")
+    data_dir: str | None = arg(None, "folder of local benchmark copies (default: this repository's data/)")
+    prompt_key: str | None = arg(None, "field holding the question (default: question/problem/prompt)")
+    answer_key: str | None = arg(None, "field holding the answer (default: answer, else solution's \\boxed{})")
+    template: str = arg("chat", "chat template, with a \\boxed{} instruction, or plain text", choices=PROMPT_TEMPLATES)
+
+    # Rollouts: what one step samples.
+    total_steps: int = arg(80, "policy update steps (one batch of rollouts each)", min=1)
+    num_prompts: int = arg(16, "prompts per step", min=1)
+    group_size: int = arg(8, "G: sampled responses per prompt")
+    max_new_tokens: int = arg(96, "longest response, in tokens", min=1)
+    temperature: float = arg(1.0, "sampling temperature of rollouts")
+
+    # Optimisation.
+    learning_rate: float = arg(1e-4, "AdamW learning rate (papers: 1e-6 for 1.5B-7B models)")
+    warmup_steps: int = arg(5, "linear learning-rate warm-up, then constant")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    num_epochs: int = arg(1, "passes over each batch of rollouts (PPO epochs)", min=1)
+    num_minibatches: int = arg(1, "optimizer steps per pass over a batch", min=1)
+    micro_batch_size: int = arg(64, "sequences per forward/backward (gradient accumulation)", min=1)
+
+    # The GRPO loss: advantage, clipped surrogate, KL.
+    scale_by_std: bool = arg(False, "divide advantages by the group std (off: Dr.GRPO, HICRA's base)")
+    advantage_eps: float = arg(1e-6, "added to the group std (verl 1e-6, TRL 1e-4)")
+    clip_eps_low: float = arg(0.2, "lower clip range of the ratio")
+    clip_eps_high: float = arg(0.28, "upper clip range of the ratio (DAPO clip-higher, HICRA's base: 0.28)")
+    dual_clip: float | None = arg(None, "dual-clip bound c for negative advantages (verl: 3; default: off)")
+    kl_coef: float = arg(0.0, "beta of the KL-to-reference loss (DeepSeekMath 0.04); 0 loads no reference")
+    kl_estimator: str = arg("k3", "estimator of the KL per token", choices=KL_ESTIMATORS)
+    loss_aggregation: str = arg("token-mean", "how token losses are averaged", choices=LOSS_AGGREGATIONS)
+    shuffle_rewards: bool = arg(False, "control: permute rewards within the batch")
+
+    # HICRA: planning tokens and how much more credit they get.
+    hicra_alpha: float = arg(0.2, "alpha: planning tokens get A + alpha |A| (the paper: 0.2; 0: GRPO)")
+    strategic_grams: str | None = arg(None, "file of phrases marking planning tokens, one a line (default: per task)")
+    mine_grams: str | None = arg(None, "file to write the 249 3-5-word n-grams most common in correct responses to")
+    third_party_entropy_variant: bool = arg(False, "NOT the paper's: also amplify high-entropy tokens")
+
+    # Held-out evaluation.
+    eval_every: int = arg(20, "steps between held-out evaluations (0: only before and after)")
+    eval_size: int = arg(0, "held-out problems evaluated per set (0: all)", min=0)
+    eval_samples: int = arg(0, "k: also sample k responses per problem for mean@k and pass@k (0: greedy only)", min=0)
+    eval_only: bool = arg(False, "only evaluate --model on --eval-dataset, then exit")
+    eval_batch_size: int = arg(250, "prompts per evaluation generate call")
+
+    # Run folders, checkpoints, resume.
+    save_every: int = arg(0, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = arg(2, "newest checkpoints kept on disk")
+    resume: str | None = arg(None, "run folder to continue from its last checkpoint")
+    runs_dir: str = arg("runs", "parent folder of run folders")
+
+    # Device, precision, memory.
+    device: str | None = arg(None, "cpu or cuda (default: cuda if available)")
+    dtype: str | None = arg(None, "default: bf16-mixed (fp32 weights, bf16 compute) on GPUs", choices=PRECISIONS)
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward (default: on with CUDA)")
+    trust_remote_code: bool = arg(False, "allow a hub model's own code to run (off: safer)")
+
+    # Who samples: transformers or vLLM, and the check that the sampler is the policy.
+    rollout: str = arg("auto", "who samples (auto: vLLM when CUDA and vLLM are present)", choices=ROLLOUT_ENGINES)
+    vllm_gpu_memory_utilization: float = arg(0.3, "GPU share vLLM holds while sampling (weights, KV cache)")
+    vllm_sleep_mode: bool | None = arg(None, "vLLM frees its GPU memory while training (default: on with CUDA)")
+    sync_check_threshold: float | None = arg(None, "vLLM-vs-trainer log-prob gap that stops a run (default 1e-3)")
+    tis_cap: float | None = arg(None, "C: truncated importance weight min(pi / pi_vllm, C) (TRL: 2-3; default: off)")
+
+    # Experiment tracking.
+    track: bool = arg(False, "also send every metrics line to an experiment tracker")
+    tracker: str = arg("trackio", "trackio (local, offline) or wandb", choices=TRACKERS)
+    track_project: str = arg("cleancredit", "the tracker's project; the run is named after the run folder")
 
 
 # ALGO LOGIC: the GRPO arithmetic, then HICRA's (arXiv 2509.03646), pure functions.
@@ -232,11 +252,19 @@ def check_args(args: Args):
     batch_size = args.num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     problems = [
-        (args.group_size < 2, f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
         (args.temperature <= 0, f"--temperature must be positive (got {args.temperature})"),
-        (batch_size % args.num_minibatches, f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
+        (batch_size % args.num_minibatches,
+         f"--num-minibatches ({args.num_minibatches}) must divide the batch of {batch_size} sequences"),
         (args.micro_batch_size < minibatch_size and minibatch_size % args.micro_batch_size,
          f"--micro-batch-size ({args.micro_batch_size}) must divide the minibatch of {minibatch_size} sequences"),
+        # ALGO LOGIC: the method's own settings: GRPO's group, HICRA's alpha, the miner's output folder.
+        (args.group_size < 2,
+         f"--group-size must be at least 2 (got {args.group_size}): GRPO compares responses within a group"),
+        (not 0 <= args.hicra_alpha <= 1,
+         f"--hicra-alpha must be in [0, 1] (got {args.hicra_alpha}): above 1 it rewards planning in wrong answers"),
+        (args.mine_grams and not Path(args.mine_grams).resolve().parent.is_dir(),
+         f"--mine-grams {args.mine_grams}: there is no such folder to write it in"),
+        # ALGO LOGIC END
     ]
     for failed, message in problems:
         if failed:
@@ -250,6 +278,8 @@ def completion_logprobs(model, input_ids, attention_mask, completion_length, tem
     are divided by the sampling temperature, so these are the log-probs the sampler used.
     """
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # The logits at position t predict token t + 1: the last C + 1 positions hold the predictions of the C
+    # completion tokens and one past the end, which [:, :-1] drops.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=completion_length + 1).logits[:, :-1].float() / temperature  # [B, C, V]
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -261,23 +291,24 @@ def completion_logprobs(model, input_ids, attention_mask, completion_length, tem
 
 @torch.no_grad()
 def frozen_logprobs(model, batch, args):
-    """Log-probs [B, C] of the whole batch's completions under `model`, without gradients.
+    """Log-probs and entropies [B, C] of the whole batch's completions under `model`, without gradients.
 
     Under torchrun each rank scores its share of the rows, and every rank receives all of them.
     """
     rows = torch.arange(batch["mask"].shape[0])
     own = [completion_logprobs(model, batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"].shape[1],
-                               args.temperature)[0] for idx in distributed.micro_batches(rows, args.micro_batch_size)]
-    return distributed.gather_rows(torch.cat(own), rows)
+                               args.temperature) for idx in distributed.micro_batches(rows, args.micro_batch_size)]
+    logp, entropy = (distributed.gather_rows(torch.cat(parts), rows) for parts in zip(*own))
+    return logp, entropy
 
 
-def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, totals):
+def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, normaliser):
     """Forward and backward over the sequences `indices` of one minibatch, in micro-batches.
 
-    `indices` are the minibatch's sequences that rows_with_gradient picked; `totals` counts the
-    whole minibatch, so the loss normalisation is that of the full minibatch even when sequences
-    are left out. Under torchrun each rank runs its share of `indices` and the ranks' gradients
-    are summed. Returns this rank's summed statistics.
+    `indices` are the minibatch's sequences that rows_with_gradient picked; `normaliser` counts the
+    whole minibatch (its sequences and tokens), so the loss normalisation is that of the full
+    minibatch even when sequences are left out. Under torchrun each rank runs its share of
+    `indices` and the ranks' gradients are summed. Returns this rank's summed statistics.
     """
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for idx in distributed.micro_batches(indices, args.micro_batch_size):
@@ -293,7 +324,7 @@ def policy_gradient_pass(policy, batch, indices, args, old_logp, ref_logp, total
             kl = kl_penalty(logp, ref_logp[idx], args.kl_estimator)
             token_loss = token_loss + args.kl_coef * kl
             stats["kl"] += (kl.detach() * mask).sum().item()
-        loss = aggregate_loss(token_loss, mask, args.loss_aggregation, max_len=args.max_new_tokens, **totals)
+        loss = aggregate_loss(token_loss, mask, args.loss_aggregation, max_len=args.max_new_tokens, **normaliser)
         # ALGO LOGIC END
         loss.backward()
         stats["loss"] += loss.item()
@@ -311,32 +342,36 @@ def update_policy(policy, ref_model, optimizer, scheduler, batch, args):
     before the update (NaN on sequences left out), against which the rollout engine is checked.
     """
     size = batch["input_ids"].shape[0]
+    # pi_old: NaN until the first pass fills it with the policy's own log-probs, which on an on-policy batch are
+    # pi_old exactly, so a single-minibatch update needs no extra forward pass.
     old_logp = torch.full_like(batch["mask"], float("nan"), dtype=torch.float)
     trained = rows_with_gradient(batch["advantages"], args.kl_coef)  # the method's choice (its first marked block)
     if args.num_minibatches > 1:  # later minibatches run after an update: pi_old needs its own pass
-        old_logp = frozen_logprobs(policy, batch, args)
-    ref_logp = frozen_logprobs(ref_model, batch, args) if ref_model is not None else None
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
+        old_logp = frozen_logprobs(policy, batch, args)[0]
+    ref_logp = frozen_logprobs(ref_model, batch, args)[0] if ref_model is not None else None
+    summed = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     minibatch_size = size // args.num_minibatches
     for _ in range(args.num_epochs):
         order = torch.randperm(size)
         for start in range(0, size, minibatch_size):
             minibatch = order[start:start + minibatch_size]
-            normaliser = {"num_sequences": len(minibatch), "num_tokens": batch["mask"][minibatch].sum().clamp(min=1)}
+            normaliser = {"num_sequences": len(minibatch),
+                          "num_tokens": batch["mask"][minibatch].sum().clamp(min=1)}
             optimizer.zero_grad(set_to_none=True)
             stats = policy_gradient_pass(policy, batch, minibatch[torch.isin(minibatch, trained)], args,
                                          old_logp, ref_logp, normaliser)
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
-            totals = {key: totals[key] + stats[key] for key in totals}
-    policy.zero_grad(set_to_none=True)  # the gradients are not needed until the next update: their memory goes to the rollouts
+            summed = {key: summed[key] + stats[key] for key in summed}
+    policy.zero_grad(set_to_none=True)  # not needed until the next update: their memory goes to the rollouts
     scheduler.step()
     # Under torchrun the ranks agree again: statistics summed, and pi_old from the rank that computed each row.
-    totals, old_logp = distributed.sum_over_ranks(totals), distributed.merge_rows(old_logp, trained)
+    summed, old_logp = distributed.sum_over_ranks(summed), distributed.merge_rows(old_logp, trained)
     updates = args.num_epochs * args.num_minibatches
-    tokens = max(totals["tokens"], 1.0)
-    return {"loss": totals["loss"] / updates, "kl": totals["kl"] / tokens if ref_model is not None else None,
-            "clip_fraction": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens if totals["tokens"] else None,
+    tokens = max(summed["tokens"], 1.0)
+    return {"loss": summed["loss"] / updates, "kl": summed["kl"] / tokens if ref_model is not None else None,
+            "clip_fraction": summed["clipped"] / tokens,
+            "entropy": summed["entropy"] / tokens if summed["tokens"] else None,
             "skipped_sequences": size - len(trained)}, old_logp
 
 
@@ -344,24 +379,22 @@ def main(argv=None):
     try:
         args = parse_args(Args, argv, __doc__)
         check_args(args)
-        # ALGO LOGIC: HICRA's start-up: alpha's range, the strategic grams that define planning tokens, the miner.
-        if not 0 <= args.hicra_alpha <= 1:
-            raise UsageError(f"--hicra-alpha must be in [0, 1] (got {args.hicra_alpha}): above 1 it rewards planning in wrong answers")
-        if args.mine_grams and not Path(args.mine_grams).resolve().parent.is_dir():
-            raise UsageError(f"--mine-grams {args.mine_grams}: there is no such folder to write it in")
-        strategic_grams = index_phrases(load_phrases(args.strategic_grams or Path(__file__).parent / "data" / (
-            "arithmetic_strategic_grams.txt" if args.dataset == ARITHMETIC else "hicra_strategic_grams.txt"), "--strategic-grams"))
+        # ALGO LOGIC: HICRA's start-up: the strategic grams that define planning tokens, the miner.
+        shipped_grams = "arithmetic_strategic_grams.txt" if args.dataset == ARITHMETIC else "hicra_strategic_grams.txt"
+        grams_file = args.strategic_grams or Path(__file__).parent / "data" / shipped_grams
+        strategic_grams = index_phrases(load_phrases(grams_file, "--strategic-grams"))
         mined = NgramDocumentFrequency()  # the miner's counts, kept in checkpoints
         # ALGO LOGIC END
         tracker = import_tracker(args.tracker) if args.track else None
         device = distributed.start(args.device or default_device())  # under torchrun: this rank's device
         checkpoint = latest_checkpoint(Path(args.resume)) if args.resume else None
         policy_source = str(checkpoint) if checkpoint else args.model
-        # ALGO LOGIC: the training problems and the held-out sets.
-        train_stream = None if args.eval_only else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key)
+        # SLOT: the training problems and the held-out sets.
+        train_stream = (None if args.eval_only
+                        else ProblemStream(args.dataset, args.seed, args.prompt_key, args.answer_key))
         eval_sets = {name: load_eval_problems(name, args.eval_size, args.prompt_key, args.answer_key, args.data_dir)
                      for name in args.eval_dataset.split(",")}
-        # ALGO LOGIC END
+        # SLOT END
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tokenizer = load_tokenizer(policy_source, trust_remote_code=args.trust_remote_code)
@@ -372,33 +405,40 @@ def main(argv=None):
         # Every prompt this run will render, training and held-out, must leave room for a full response.
         training = {} if args.eval_only else {args.dataset: train_stream.problems or [
             train_stream[i] for i in range(args.total_steps * args.num_prompts)]}
-        longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template, args.max_new_tokens)
+        longest_prompt = check_prompts_fit(policy, tokenizer, {**training, **eval_sets}, args.template,
+                                           args.max_new_tokens)
         # The reference is the starting model, frozen; with no KL term it is not even loaded.
-        ref_model = load_model(args.model, device, args.dtype, args.trust_remote_code, frozen=True) if args.kl_coef > 0 else None
-        engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source, max_model_len=longest_prompt + args.max_new_tokens,
-                                     batch_size=args.num_prompts * args.group_size, seed=args.seed, trust_remote_code=args.trust_remote_code,
-                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization, sleep_mode=args.vllm_sleep_mode,
-                                     check_threshold=args.sync_check_threshold, importance_sampling=args.tis_cap is not None)
-        # ALGO LOGIC: held-out evaluation: greedy pass@1 (and mean@k, pass@k) by the verifier.
+        ref_model = (load_model(args.model, device, args.dtype, args.trust_remote_code, frozen=True)
+                     if args.kl_coef > 0 else None)
+        engine = make_rollout_engine(args.rollout, policy, tokenizer, policy_source,
+                                     max_model_len=longest_prompt + args.max_new_tokens,
+                                     batch_size=args.num_prompts * args.group_size, seed=args.seed,
+                                     trust_remote_code=args.trust_remote_code,
+                                     gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                     sleep_mode=args.vllm_sleep_mode, check_threshold=args.sync_check_threshold,
+                                     importance_sampling=args.tis_cap is not None)
+        # SLOT: held-out evaluation: greedy pass@1 (and mean@k, pass@k) by the verifier.
         evaluate = Evaluator(engine, eval_sets, args.template, args.max_new_tokens, args.eval_batch_size,
                              args.eval_samples, args.temperature)
-        # ALGO LOGIC END
+        # SLOT END
         if args.eval_only:
             run_dir = new_run_dir(args.runs_dir, eval_run_name(eval_sets), "eval", args.seed)
             return evaluate.run_only(RunLog(run_dir, args, None, tracker, args.track_project), args.model)
 
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup_steps, 1)))
+        warmup = max(args.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         checkpointed = {"optimizer": optimizer, "scheduler": scheduler}  # what a checkpoint holds beside the policy
-        # ALGO LOGIC: the miner's counts go into checkpoints, so that a resumed run mines on from them.
+        # SLOT: the miner's counts go into checkpoints, so that a resumed run mines on from them.
         checkpointed["mined_grams"] = mined
-        # ALGO LOGIC END
-        # ALGO LOGIC: the models in memory beside the policy: trained (weights, gradients, AdamW) and frozen.
+        # SLOT END
+        # SLOT: the models in memory beside the policy: trained (weights, gradients, AdamW) and frozen.
         trained_models, frozen_models = [policy], [ref_model]
-        # ALGO LOGIC END
+        # SLOT END
         check_training_fits(trained_models, frozen_models, args.learning_rate, engine)
         start_step = restore_checkpoint(checkpoint, policy, checkpointed) if checkpoint else 0
-        run_dir = Path(args.resume) if checkpoint else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed)
+        run_dir = (Path(args.resume) if checkpoint
+                   else new_run_dir(args.runs_dir, Path(args.dataset).stem, METHOD, args.seed))
         run_log = RunLog(run_dir, args, start_step if checkpoint else None, tracker, args.track_project)
     except UsageError as error:
         sys.exit(f"{METHOD}.py: error: {error}")
@@ -425,36 +465,36 @@ def main(argv=None):
 
         score_start = time.time()
         answers = [problem["answer"] for problem in problems for _ in range(args.group_size)]
-        rewards = torch.tensor(score_batch(rollout.texts, answers), device=device).view(args.num_prompts, args.group_size)
+        rewards = torch.tensor(score_batch(rollout.texts, answers), device=device).view(-1, args.group_size)
         score_time = time.time() - score_start
         # ALGO LOGIC END
 
         train_start = time.time()
         mask = rollout.completion_mask.float()  # [B, C]: 1 on response tokens, up to and including EOS
-        train_rewards = rewards.flatten()[torch.randperm(batch_size)].view_as(rewards) if args.shuffle_rewards else rewards
+        train_rewards = (rewards.flatten()[torch.randperm(batch_size)].view_as(rewards) if args.shuffle_rewards
+                         else rewards)
         # ALGO LOGIC: HICRA's advantage: GRPO's (mean-only by default), then A + alpha |A| on planning tokens.
         advantages = grpo_advantages(train_rewards, args.advantage_eps, args.scale_by_std).view(-1, 1) * mask  # [B, C]
-        planning, gram_counts = phrase_token_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, strategic_grams)
+        planning, gram_counts = phrase_token_mask(tokenizer, rollout.completion_ids, rollout.completion_mask,
+                                                  strategic_grams)
         if args.third_party_entropy_variant:  # NOT the paper's rule: see high_entropy_tokens
-            input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1).split(args.micro_batch_size)
-            attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1).split(args.micro_batch_size)
-            with torch.no_grad():
-                entropy = torch.cat([completion_logprobs(policy, ids, attention, mask.shape[1], args.temperature)[1]
-                                     for ids, attention in zip(input_ids, attention_mask)])
+            sampled = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "mask": mask}
+            entropy = frozen_logprobs(policy, sampled, args)[1]
             planning = torch.maximum(planning, high_entropy_tokens(entropy, mask, train_rewards))
         advantages = hicra_advantages(advantages, planning, args.hicra_alpha)  # [B, C]
         if args.mine_grams:  # correct by the true rewards, also under --shuffle-rewards
-            mined.add([text for text, reward in zip(rollout.texts, rewards.flatten().tolist()) if reward > 0], sizes=(3, 4, 5))
+            solved = [text for text, reward in zip(rollout.texts, rewards.flatten().tolist()) if reward > 0]
+            mined.add(solved, sizes=(3, 4, 5))
         # ALGO LOGIC END
-        batch = {"input_ids": torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1),
-                 "attention_mask": torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1),
-                 "mask": mask, "advantages": advantages}
+        batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "mask": mask,
+                 "advantages": advantages}
         if args.tis_cap is not None:  # correct for the sampler not being exactly the policy (one more forward pass)
             batch["advantages"] = batch["advantages"] * truncated_importance_weights(
-                frozen_logprobs(policy, batch, args), rollout.logprobs, args.tis_cap)
+                frozen_logprobs(policy, batch, args)[0], rollout.logprobs, args.tis_cap)
         update, old_logp = update_policy(policy, ref_model, optimizer, scheduler, batch, args)
         train_time = time.time() - train_start
-        update |= engine.check_and_sync(rollout, old_logp)  # stops the run if vLLM did not sample from the policy
+        # vLLM: stop the run if it did not sample from the policy (pi_old), then push it the updated weights.
+        update |= engine.check_and_sync(rollout, old_logp)
 
         completion_tokens = rollout.completion_mask.sum().item()
         step_time = time.time() - step_start
@@ -464,36 +504,39 @@ def main(argv=None):
             eval_accuracy = next(iter(eval_results.values()))["pass@1"]
         metrics = {"step": step, "reward_mean": rewards.mean().item(), **update,
                    "eval_accuracy": eval_accuracy if evaluated else None, "eval": eval_results if evaluated else None,
-                   "response_length": completion_tokens / len(rollout.texts), "truncated_fraction": rollout.truncated.float().mean().item(),
-                   "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time, "time_score": score_time,
-                   "time_train": train_time, "time_step": step_time, "tokens_per_sec": completion_tokens / step_time}
-        # ALGO LOGIC: HICRA's metrics: planning-token share, semantic entropy, mean advantage on each kind of token.
+                   "response_length": completion_tokens / len(rollout.texts),
+                   "truncated_fraction": rollout.truncated.float().mean().item(),
+                   "learning_rate": scheduler.get_last_lr()[0], "time_generate": generate_time,
+                   "time_score": score_time, "time_train": train_time, "time_step": step_time,
+                   "tokens_per_sec": completion_tokens / step_time}
+        # SLOT: HICRA's metrics: planning-token share, semantic entropy, mean advantage on each kind of token.
         other = mask - planning
-        metrics.update(planning_fraction=(planning.sum() / mask.sum()).item(), semantic_entropy=semantic_entropy(gram_counts),
-                       advantage_planning=((advantages * planning).sum() / planning.sum()).item() if planning.any() else None,
+        metrics.update(planning_fraction=(planning.sum() / mask.sum()).item(),
+                       semantic_entropy=semantic_entropy(gram_counts),
+                       advantage_planning=(((advantages * planning).sum() / planning.sum()).item()
+                                           if planning.any() else None),
                        advantage_other=((advantages * other).sum() / other.sum()).item() if other.any() else None)
-        # ALGO LOGIC END
+        # SLOT END
         history.append(metrics)
         run_log.log(metrics)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", eval=f"{eval_accuracy:.3f}")
         if (args.save_every and step % args.save_every == 0) or step == args.total_steps:
             save_checkpoint(run_dir, step, policy, tokenizer, checkpointed, args.keep_checkpoints)
 
-    # ALGO LOGIC: --mine-grams: as many n-grams as the paper's list, in the format --strategic-grams reads.
+    # SLOT: --mine-grams: as many n-grams as the paper's list, in the format --strategic-grams reads.
     if args.mine_grams:
         Path(args.mine_grams).write_text("".join(gram + "\n" for gram in mined.top(249)), encoding="utf-8")
-    # ALGO LOGIC END
+    # SLOT END
     run_log.close()
     if history:  # empty when resuming a run that had already finished
-        # ALGO LOGIC: the end-of-run summary, with HICRA's planning tokens and both entropies' trends (the paper's Figure 1).
-        def trend(key):  # mean over the first 10 steps -> over the last 10
-            first, last = ([m[key] for m in steps if m[key] is not None] for steps in (history[:10], history[-10:]))
-            return f"{sum(first) / max(len(first), 1):.3f} (first 10 steps) -> {sum(last) / max(len(last), 1):.3f} (last 10)"
-        hicra_lines = {"planning tokens": f"{100 * sum(m['planning_fraction'] for m in history) / len(history):.1f}% of response tokens",
-                       "semantic entropy": trend("semantic_entropy") + " nats", "token entropy": trend("entropy") + " nats"}
+        # SLOT: the end-of-run summary, with HICRA's planning tokens and both entropies' trends (the paper's Figure 1).
+        planning = sum(m["planning_fraction"] for m in history) / len(history)
+        hicra_lines = {"planning tokens": f"{100 * planning:.1f}% of response tokens",
+                       "semantic entropy": trend(history, "semantic_entropy") + " nats",
+                       "token entropy": trend(history, "entropy") + " nats"}
         print_summary(f"{METHOD}, {args.model} on {args.dataset}, seed {args.seed}", history, batch_size,
                       initial_results, eval_results, time.time() - started, run_dir, hicra_lines)
-        # ALGO LOGIC END
+        # SLOT END
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The command line of every trainer, built from its `Args` dataclass.
 
-Each field becomes a flag (`total_steps` -> `--total-steps`) whose help is the field's `help`
-metadata followed by its default; a field with `choices` metadata lists them and rejects
-anything else, one with `min` metadata rejects smaller values, and a float field rejects nan and
-inf. transformers' `HfArgumentParser` does the dataclass part too, but not the rest of what a
+Each field, declared with `arg(default, help, min=..., choices=...)`, becomes a flag
+(`total_steps` -> `--total-steps`) whose help is `help` followed by its default; a field with
+`choices` lists them and rejects anything else, one with `min` rejects smaller values, and a float
+field rejects nan and inf. transformers' `HfArgumentParser` does the dataclass part too, but not the rest of what a
 trainer needs, so this helper stays:
 - tri-state switches (`bool | None`, default "decide at run time") as `--x` / `--no-x`;
   HfArgumentParser turns them into flags that demand a value;
@@ -19,6 +19,17 @@ import math
 from pathlib import Path
 
 from common import UsageError
+
+
+def arg(default, help: str, *, min: int | None = None, choices: tuple[str, ...] | None = None):
+    """One field of a trainer's `Args`: its default, its --help line, and what the command line accepts
+    (`min`: the smallest value; `choices`: the only values)."""
+    metadata = {"help": help}
+    if min is not None:
+        metadata["min"] = min
+    if choices is not None:
+        metadata["choices"] = choices
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class _OneLineParser(argparse.ArgumentParser):

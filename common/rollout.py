@@ -31,6 +31,16 @@ class Rollout:
     texts: list[str]  # decoded completions, without the EOS and padding
     logprobs: torch.Tensor | None = None  # [B, C] log-prob of each sampled token under the sampler
 
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[B, P + C]: prompt and completion, the sequences the trainer scores."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P + C]: 1 on real prompt and completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS and the generation config's.

@@ -217,6 +217,13 @@ def restore_checkpoint(checkpoint: Path, policy, state: dict) -> int:
     return trainer_state["step"]
 
 
+def trend(history: list[dict], key: str) -> str:
+    """The mean of `key` over the first 10 steps -> over the last 10 (steps where it is None left out)."""
+    first, last = ([m[key] for m in steps if m[key] is not None] for steps in (history[:10], history[-10:]))
+    return (f"{sum(first) / max(len(first), 1):.3f} (first {len(first)} steps) -> "
+            f"{sum(last) / max(len(last), 1):.3f} (last {len(last)})")
+
+
 def print_summary(header: str, history: list[dict], batch_size: int, initial_eval: dict, final_eval: dict,
                   elapsed: float, run_dir: Path, method_lines: dict[str, str] | None = None):
     """One screen at the end of a run: greedy accuracy with its 95% interval before and after on the
@@ -224,7 +231,6 @@ def print_summary(header: str, history: list[dict], batch_size: int, initial_eva
     trend, where the time went, then `method_lines` ({label: text}), a method's own lines."""
     def mean(key, steps):
         return sum(m[key] for m in steps) / max(len(steps), 1)
-    first, last = history[:10], history[-10:]
     synced = [m for m in history if m.get("time_sync") is not None]  # a vLLM engine's steps
     checked = [m for m in synced if m["sampler_logp_diff"] is not None]
     eval_name, initial = next(iter(initial_eval.items()))
@@ -233,8 +239,7 @@ def print_summary(header: str, history: list[dict], batch_size: int, initial_eva
         "held-out greedy accuracy": f"{format_pass_at_1(initial)} -> {format_pass_at_1(final)} "
                                     f"({100 * (final['pass@1'] - initial['pass@1']):+.1f} points on {eval_name}; "
                                     f"95% Wilson intervals)",
-        "sampled reward": f"{mean('reward_mean', first):.3f} (first {len(first)} steps) -> "
-                          f"{mean('reward_mean', last):.3f} (last {len(last)})",
+        "sampled reward": trend(history, "reward_mean"),
         "response length": f"{mean('response_length', history):.1f} tokens, {100 * mean('truncated_fraction', history):.1f}% truncated",
         "zero-advantage sequences": f"{100 * mean('skipped_sequences', history) / batch_size:.1f}% (skipped in training)",
         "time per step": f"{mean('time_step', history):.2f}s: generate {mean('time_generate', history):.2f}s, "

@@ -1,9 +1,11 @@
 """Every trainer is grpo.py plus marked method blocks, and nothing else.
 
-Outside its module docstring, the fields of its `Args` dataclass and the blocks that run from a
-`# ALGO LOGIC: <what changes>` line to a `# ALGO LOGIC END` line, a trainer must be line for line
-the same as grpo.py. So `diff grpo.py <method>.py` shows the method only, and a plumbing fix made
-in one trainer but not in the others fails here, naming the lines.
+Outside its module docstring, the fields of its `Args` dataclass and its marked blocks, a trainer
+must be line for line the same as grpo.py. A block runs from a `# ALGO LOGIC: <what changes>` line
+to a `# ALGO LOGIC END` line (the method: study these) or from a `# SLOT: <what>` line to a
+`# SLOT END` line (the task or plumbing a method fills in: imports, data, evaluation, metrics,
+summary). So `diff grpo.py <method>.py` shows the method only, and a plumbing fix made in one
+trainer but not in the others fails here, naming the lines.
 """
 
 import difflib
@@ -15,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "grpo.py"
 TRAINERS = sorted(path for path in ROOT.glob("*.py") if path != TEMPLATE)
 BLOCK_START, BLOCK_END = "# ALGO LOGIC:", "# ALGO LOGIC END"
+SLOT_START, SLOT_END = "# SLOT:", "# SLOT END"
+MARKERS = {BLOCK_START: BLOCK_END, SLOT_START: SLOT_END}  # a block's start -> the end that closes it
 
 
 def skeleton(text: str) -> list[tuple[int, str]]:
@@ -23,30 +27,31 @@ def skeleton(text: str) -> list[tuple[int, str]]:
     Raises ValueError on a block that never ends or an end with no block open.
     """
     lines = text.splitlines()
-    kept, in_block, in_args, index = [], False, False, 0
+    kept, open_end, in_args, index = [], None, False, 0  # open_end: the end marker the open block needs
     if lines and lines[0].startswith('"""'):  # the module docstring
         index = 1 if lines[0].count('"""') >= 2 else next(i for i, line in enumerate(lines[1:], 2) if '"""' in line)
     for number, line in enumerate(lines[index:], index + 1):
         stripped = line.strip()
-        if stripped.startswith(BLOCK_START):
-            if in_block:
+        start = next((start for start in MARKERS if stripped.startswith(start)), None)
+        if start:
+            if open_end:
                 raise ValueError(f"line {number}: a block starts inside the block that is still open")
-            in_block = True
-        elif stripped == BLOCK_END:
-            if not in_block:
-                raise ValueError(f"line {number}: {BLOCK_END} with no block open")
-            in_block = False
+            open_end = MARKERS[start]
+        elif stripped in MARKERS.values():
+            if stripped != open_end:
+                raise ValueError(f"line {number}: {stripped} with no block of its kind open")
+            open_end = None
         elif line == "class Args:":
             in_args = True
             kept.append((number, line))
-        elif in_args and line.startswith("    "):
-            continue  # the fields of Args are each method's own
+        elif in_args and (line.startswith("    ") or not line):
+            continue  # the fields of Args (grouped by blank lines and comments) are each method's own
         else:
             in_args = False
-            if not in_block:
+            if not open_end:
                 kept.append((number, line))
-    if in_block:
-        raise ValueError(f"a block is still open at the end of the file (missing {BLOCK_END})")
+    if open_end:
+        raise ValueError(f"a block is still open at the end of the file (missing {open_end})")
     return kept
 
 
@@ -71,9 +76,10 @@ def test_trainer_differs_from_grpo_only_inside_marked_blocks(trainer):
         f"every trainer, or mark it {BLOCK_START} ... {BLOCK_END}:\n" + "\n".join(differences))
 
 
-def test_grpo_marks_its_method_blocks():
+def test_grpo_marks_its_method_blocks_and_its_slots():
     text = TEMPLATE.read_text()
     assert text.count(BLOCK_START) == text.count(BLOCK_END) >= 3
+    assert text.count(SLOT_START) == text.count(SLOT_END) >= 3
     assert len(skeleton(text)) < len(text.splitlines())
 
 
@@ -96,7 +102,8 @@ def test_changes_inside_blocks_docstring_and_args_are_allowed():
 
 @pytest.mark.parametrize("text, message", [
     (f"x = 1\n{BLOCK_START} open\ny = 2\n", "still open"),
-    (f"x = 1\n{BLOCK_END}\n", "with no block open"),
+    (f"x = 1\n{BLOCK_END}\n", "with no block of its kind open"),
+    (f"{SLOT_START} a\nx = 1\n{BLOCK_END}\n", "with no block of its kind open"),
     (f"{BLOCK_START} a\n{BLOCK_START} b\n{BLOCK_END}\n", "inside the block"),
 ])
 def test_unbalanced_markers_are_errors(text, message):
