@@ -27,13 +27,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common import UsageError
-from common.cli import parse_args
+from common.cli import arg, parse_args
 from common.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,12 +72,10 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 @dataclass
 class Args:
-    methods: str = field(default="grpo,hicra,prime,pure,tempo", metadata={
-        "help": f"comma-separated, from {', '.join(METHODS)}; each task's baseline is added"})
-    seeds: str = field(default="1,2,3", metadata={"help": "comma-separated seeds; every method runs with each"})
-    jobs: int = field(default=1, metadata={"help": "trainers running at once (1: one after another, as timed)",
-                                           "min": 1})
-    out: str = field(default="runs/comparison", metadata={"help": "output folder; its runs/ holds the trainers' runs"})
+    methods: str = arg("grpo,hicra,prime,pure,tempo", f"comma-separated, from {', '.join(METHODS)}; baselines added")
+    seeds: str = arg("1,2,3", "comma-separated seeds; every method runs with each")
+    jobs: int = arg(1, "trainers running at once (1: one after another, as timed)", min=1)
+    out: str = arg("runs/comparison", "output folder; its runs/ holds the trainers' runs")
 
 
 # Statistics.

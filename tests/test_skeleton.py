@@ -94,9 +94,12 @@ def test_a_plumbing_change_in_a_copy_is_caught_and_named():
 def test_changes_inside_blocks_docstring_and_args_are_allowed():
     template = TEMPLATE.read_text()
     changed = template.replace('"""GRPO: Group Relative', '"""NEW: a new method on top of Group Relative', 1)
-    changed = changed.replace("    seed: int = field(default=1,", "    new_flag: int = 3\n    seed: int = field(default=2,", 1)
+    assert "    seed: int = arg(1," in changed
+    changed = changed.replace("    seed: int = arg(1,", '    new_flag: int = arg(3, "a new flag")\n\n    seed: int = arg(2,', 1)
     start = changed.index(BLOCK_START)
     changed = changed[:start] + f"{BLOCK_START} a new estimator\ndef new_estimator():\n    return 0\n{BLOCK_END}\n" + changed[start:]
+    slot = changed.index(SLOT_START)
+    changed = changed[:slot] + f"{SLOT_START} a new import\nimport math\n{SLOT_END}\n" + changed[slot:]
     assert changed != template and skeleton_differences(template, changed, "copy.py") == []
 
 
