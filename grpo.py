@@ -97,7 +97,7 @@ class Args:
     rollout: str = arg("auto", "who samples (auto: vLLM when CUDA and vLLM are present)", choices=ROLLOUT_ENGINES)
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU share vLLM holds while sampling (weights, KV cache)")
     vllm_sleep_mode: bool | None = arg(None, "vLLM frees its GPU memory while training (default: on with CUDA)")
-    sync_check_threshold: float | None = arg(None, "vLLM-vs-trainer log-prob gap that stops a run (default 1e-3)")
+    sync_check_threshold: float | None = arg(None, "vLLM vs trainer log-prob gap that stops a run (default: 1e-3)")
     tis_cap: float | None = arg(None, "C: truncated importance weight min(pi / pi_vllm, C) (TRL: 2-3; default: off)")
 
     # Experiment tracking.

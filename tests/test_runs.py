@@ -19,21 +19,33 @@ from common.runs import RunLog, flatten_metrics, latest_checkpoint, restore_chec
 from grpo import Args
 from grpo_runs import ROOT, read_metrics, run_grpo
 
+TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
 
-def test_help_shows_every_flags_default_and_the_allowed_values():
-    result = subprocess.run([sys.executable, "grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+
+def help_lines(trainer: str) -> dict[str, str]:
+    """{flag: its whole --help entry on one line} of `trainer`."""
+    result = subprocess.run([sys.executable, trainer, "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 0
     entries = re.split(r"\n(?=  -)", result.stdout.split("\noptions:\n")[1])  # one per flag, wrapped lines joined
-    help_lines = {entry.split()[0]: " ".join(entry.split()) for entry in entries}
-    for field in dataclasses.fields(Args):
-        line = help_lines["--" + field.name.replace("_", "-") + ("," if field.type in (bool, bool | None) else "")]
+    return {entry.split()[0]: " ".join(entry.split()) for entry in entries}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_flag_of_every_trainer_shows_its_default(trainer):
+    lines = help_lines(trainer)
+    for field in dataclasses.fields(importlib.import_module(trainer.removesuffix(".py")).Args):
+        line = lines["--" + field.name.replace("_", "-") + ("," if field.type in (bool, bool | None) else "")]
         assert "default: " in line, line
-    assert "--total-steps TOTAL_STEPS" in help_lines["--total-steps"] and "(default: 80)" in help_lines["--total-steps"]
-    assert "(default: on)" in help_lines["--scale-by-std,"] and "(default: off)" in help_lines["--shuffle-rewards,"]
-    assert "--template {chat,chat-boxed,plain}" in help_lines["--template"]
-    assert "--kl-estimator {k1,k2,k3}" in help_lines["--kl-estimator"]
-    assert "{token-mean,seq-mean-token-mean,seq-mean-token-sum,dr-grpo}" in help_lines["--loss-aggregation"]
+
+
+def test_help_shows_the_defaults_and_the_allowed_values():
+    lines = help_lines("grpo.py")
+    assert "--total-steps TOTAL_STEPS" in lines["--total-steps"] and "(default: 80)" in lines["--total-steps"]
+    assert "(default: on)" in lines["--scale-by-std,"] and "(default: off)" in lines["--shuffle-rewards,"]
+    assert "--template {chat,chat-boxed,plain}" in lines["--template"]
+    assert "--kl-estimator {k1,k2,k3}" in lines["--kl-estimator"]
+    assert "{token-mean,seq-mean-token-mean,seq-mean-token-sum,dr-grpo}" in lines["--loss-aggregation"]
 
 
 @pytest.mark.parametrize("argv, message", [

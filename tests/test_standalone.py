@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from grpo_runs import ROOT, read_metrics
+from grpo_runs import ROOT, read_metrics, read_steps
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_a_fresh_clone_trains_a_step_of_the_built_in_task(clone):
                     "--max-new-tokens", "64", "--eval-size", "10")
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = (clone / "runs").iterdir()  # the default run folder, inside the clone
-    [metrics] = read_metrics(run_dir)
+    [metrics] = read_steps(run_dir)  # the line after step 0's evaluation
     assert metrics["step"] == 1 and metrics["skipped_sequences"] < 16, "some group had signal and was trained"
     assert metrics["eval_accuracy"] is not None
     assert (run_dir / "checkpoints" / "step_1" / "model.safetensors").is_file()
