@@ -32,7 +32,10 @@ ARITHMETIC_GRAMS = index_phrases(load_phrases(Path(hicra.__file__).parent / "dat
 def advantages_and_masks(draw):
     """Per-token advantages [B, C] in float64 (zeros included) and a 0/1 planning mask of the same shape."""
     rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 12))
-    values = draw(st.lists(st.one_of(st.just(0.0), st.floats(-1e6, 1e6)), min_size=rows * cols, max_size=rows * cols))
+    # Non-zero magnitudes of at least 1e-300: times (1 - alpha) >= 1.1e-16 they stay non-zero in float64, where a
+    # subnormal such as -4.9e-324 would underflow to -0 and lose its sign (rounding, not the rule under test).
+    nonzero = st.floats(-1e6, 1e6).filter(lambda value: value == 0 or abs(value) >= 1e-300)
+    values = draw(st.lists(st.one_of(st.just(0.0), nonzero), min_size=rows * cols, max_size=rows * cols))
     mask = draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=rows * cols, max_size=rows * cols))
     return torch.tensor(values, dtype=torch.float64).view(rows, cols), torch.tensor(mask, dtype=torch.float64).view(rows, cols)
 
