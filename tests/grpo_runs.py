@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # For a test that compares numbers exactly (two runs, a resumed run, a checkpoint against float32
 # weights): with CUDA visible a trainer runs on the GPU in bfloat16, where such comparisons fail.
 ON_CPU = ("--device", "cpu")
+TRAINERS = sorted(path.stem for path in ROOT.glob("*.py"))  # grpo and every method file copied from it
 # The smallest run that trains the real test model (SmolLM2-135M, slow on CPU) on GSM8K problems.
 REAL_MODEL_GSM8K_RUN = ["--dataset", str(DEFAULT_DATA_DIR / "gsm8k_train.jsonl"), "--eval-dataset", "gsm8k",
                         "--eval-size", "2", "--total-steps", "2", "--num-prompts", "2", "--group-size", "2",

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo import Args, completion_logprobs, policy_gradient_pass
-from grpo_runs import ON_CPU, ROOT, read_metrics, read_steps, run_grpo, run_trainer, sampled_tiny_batch
+from grpo_runs import ON_CPU, ROOT, TRAINERS, read_metrics, read_steps, run_grpo, run_trainer, sampled_tiny_batch
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dr-grpo"]
 # A short run: 4 prompts x 4 samples, 20 held-out problems.
@@ -49,9 +49,6 @@ def test_skipping_zero_advantage_sequences_gives_the_same_gradient(sampled_batch
     for g_full, g_skip in zip(full, skipped):
         # Equal up to float32 summation order (micro-batches group the sequences differently).
         assert (g_full - g_skip).abs().max() <= 1e-5 * g_full.abs().max() + 1e-9
-
-
-TRAINERS = ["grpo", "hicra", "prime", "pure", "tempo", "gigpo"]
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

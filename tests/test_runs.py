@@ -17,9 +17,7 @@ from common.cli import parse_args
 from common.model import load_model, load_tokenizer
 from common.runs import RunLog, flatten_metrics, latest_checkpoint, restore_checkpoint, save_checkpoint
 from grpo import Args
-from grpo_runs import ROOT, read_metrics, run_grpo
-
-TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
+from grpo_runs import ROOT, TRAINERS, read_metrics, run_grpo
 
 
 def help_lines(trainer: str) -> dict[str, str]:
@@ -33,8 +31,8 @@ def help_lines(trainer: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_flag_of_every_trainer_shows_its_default(trainer):
-    lines = help_lines(trainer)
-    for field in dataclasses.fields(importlib.import_module(trainer.removesuffix(".py")).Args):
+    lines = help_lines(f"{trainer}.py")
+    for field in dataclasses.fields(importlib.import_module(trainer).Args):
         line = lines["--" + field.name.replace("_", "-") + ("," if field.type in (bool, bool | None) else "")]
         assert "default: " in line, line
 
@@ -59,9 +57,6 @@ def test_command_line_mistakes_are_one_line_usage_errors(argv, message):
     with pytest.raises(UsageError) as error:
         parse_args(Args, argv)
     assert message in str(error.value) and "\n" not in str(error.value)
-
-
-TRAINERS = sorted(path.stem for path in ROOT.glob("*.py"))
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

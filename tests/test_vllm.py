@@ -19,9 +19,8 @@ from common.model import load_model, load_tokenizer
 from common.rollout import (TransformersEngine, eos_token_ids, generate, make_rollout_engine, sampler_mismatch,
                             truncated_importance_weights)
 from grpo import clipped_surrogate, completion_logprobs
-from grpo_runs import ON_CPU, ROOT, read_metrics, read_steps, run_grpo, run_trainer
+from grpo_runs import ON_CPU, TRAINERS, read_metrics, read_steps, run_grpo, run_trainer
 
-TRAINERS = sorted(path.name for path in ROOT.glob("*.py"))  # grpo.py and every method file copied from it
 QUESTIONS = ("Compute 12+34.", "Compute 99-10+11-40.", "Compute 50-25+13.")  # different lengths: left padding
 SHORT_RUN = [*ON_CPU, "--num-prompts", "4", "--group-size", "4", "--micro-batch-size", "8", "--max-new-tokens", "64",
              "--eval-size", "10", "--eval-every", "0"]
@@ -232,7 +231,7 @@ def test_a_skipped_weight_sync_stops_the_run_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_trainer_runs_three_steps_with_vllm(trainer, tmp_path):
-    result = run_trainer(trainer, "--rollout", "vllm", "--tis-cap", "2", *SHORT_RUN, "--total-steps", "3",
+    result = run_trainer(f"{trainer}.py", "--rollout", "vllm", "--tis-cap", "2", *SHORT_RUN, "--total-steps", "3",
                          "--runs-dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     [run_dir] = tmp_path.iterdir()
